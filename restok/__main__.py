@@ -1,0 +1,5 @@
+import sys
+
+from restok.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""Image output shared by every backend (numpy + Pillow, no torch)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] nominally in [0, 1] -> uint8 [B, H, W, 3], as the official sampler does
+    (clamp(255 x, 0, 255) then truncation)."""
+    x = np.clip(np.asarray(images, dtype=np.float32) * 255.0, 0.0, 255.0)
+    return x.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def make_grid(images_u8: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> one uint8 [rows*H', cols*W', 3] image with ``pad`` white pixels between."""
+    B, H, W, C = images_u8.shape
+    cols = columns or min(B, 8)
+    rows = math.ceil(B / cols)
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[y : y + H, x : x + W] = images_u8[i]
+    return grid
+
+
+def save_png(image_u8: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write one uint8 [H, W, 3] image atomically (temporary name, then rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(image_u8).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,79 +1,102 @@
 """Token sampling as tensor operations: classifier-free guidance, temperature, top-k, top-p, Gumbel-max.
 
-Written so that the same function runs in the PyTorch reference loop and inside the exported per-step
-graphs: no host round trip, no sort of the vocabulary (TensorRT's TopK stops at K = 3840; the vocabulary is
-8192), and randomness only from an explicit Gumbel noise input, so every backend draws the same tokens.
+The same function runs in the PyTorch reference loop and inside the exported per-step graphs, where every
+sampling parameter is a graph input: no host round trip, no sort and no TopK (TensorRT's TopK stops at
+K = 3840; the vocabulary is 8192), and randomness only from an explicit Gumbel noise input, so every
+backend draws the same tokens from the same noise.
 
 Equivalence with the official sampler (sort, cumulative softmax, multinomial): top-k keeps every logit
 >= the k-th largest; top-p keeps the tokens whose preceding probability mass (in descending order) is
-<= p, found here as a probability threshold by bisection; Gumbel-max then draws exactly from the softmax
-of the kept logits. Tied probabilities at the top-p boundary are all kept (the sort keeps an arbitrary
-subset of them).
+<= p. Both thresholds are found by bisection on the value axis, which ends with the threshold bracketed
+by adjacent floats for any practical input (64 halvings of the value range), so the kept sets are the
+official ones. Gumbel-max then draws exactly from the softmax of the kept logits. Tied values at a
+boundary are all kept, and top-p sums probabilities in another order than a sorted cumulative sum, so a
+token whose preceding mass is within float rounding of p may be kept where the official drops it.
 """
 
 from __future__ import annotations
 
 import torch
 
-TOP_P_ITERATIONS = 64
+BISECTION_STEPS = 64
 
 
-def apply_cfg(logits: torch.Tensor, cfg_scale: torch.Tensor | float) -> torch.Tensor:
-    """Rows [:B] are conditional, [B:] unconditional: u + s * (c - u) (the official order of operations)."""
+def _param(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return t.to(device=like.device, dtype=dtype).reshape(())
+
+
+def apply_cfg(logits: torch.Tensor, cfg_scale) -> torch.Tensor:
+    """Rows [:B] conditional, [B:] unconditional -> u + s * (c - u), the official order of operations.
+
+    A scale of exactly 1 returns the conditional logits (what an unguided run computes)."""
     cond, uncond = logits.chunk(2, dim=0)
-    return uncond + (cond - uncond) * cfg_scale
+    s = _param(cfg_scale, logits, logits.dtype)
+    return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep logits >= the k-th largest (ties kept), others -> -inf. top_k <= 0 disables."""
-    if top_k <= 0:
-        return logits
-    k = min(int(top_k), logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def top_k_filter(x: torch.Tensor, top_k) -> torch.Tensor:
+    """Keep values >= the k-th largest along the last axis (ties kept), others -> -inf; k <= 0 keeps all.
+
+    Bisection on t for the least t with count(x > t) < k, which is the k-th largest value; ``lo`` always
+    satisfies count(x > lo) >= k, so keeping x > lo never keeps fewer than k."""
+    if isinstance(top_k, int) and top_k <= 0:
+        return x
+    V = x.shape[-1]
+    k = _param(top_k, x, torch.int64)
+    k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k).to(x.dtype)
+    hi = x.amax(dim=-1, keepdim=True)
+    mn = x.amin(dim=-1, keepdim=True)
+    lo = mn - 1.0 - mn.abs()
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) * 0.5
+        many = (x > mid).to(x.dtype).sum(dim=-1, keepdim=True) >= k
+        lo = torch.where(many, mid, lo)
+        hi = torch.where(many, hi, mid)
+    return x.masked_fill(x <= lo, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float, iterations: int = TOP_P_ITERATIONS) -> torch.Tensor:
-    """Nucleus filtering without a sort.
+def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
+    """Nucleus filtering without a sort; p >= 1 keeps all.
 
-    Keep token j iff the probability mass of tokens strictly more likely than j is <= top_p. The smallest
-    kept probability tau is the least t with mass(probs > t) <= top_p; bisection on t keeps
-    mass(probs > lo) > top_p >= mass(probs > hi) and ends with lo < tau <= hi, hi and lo adjacent floats
-    for any practical tau, so keeping probs > lo keeps exactly probs >= tau.
-    """
-    if top_p >= 1.0:
-        return logits
-    probs = torch.softmax(logits.float(), dim=-1)
+    Keep token j iff the probability mass of tokens strictly more likely than j is <= p. The smallest kept
+    probability is the least t with mass(probs > t) <= p; bisection keeps mass(probs > lo) > p >=
+    mass(probs > hi), and keeping probs > lo keeps at least one token."""
+    if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
+        return x
+    probs = torch.softmax(x, dim=-1)
+    p = _param(top_p, x, probs.dtype)
+    p = torch.where(p >= 1.0, torch.full_like(p, 2.0), p)  # disabled: every mass is <= 2
     hi = probs.amax(dim=-1, keepdim=True)
     lo = torch.zeros_like(hi)
-    p = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device)
-    for _ in range(iterations):
+    for _ in range(BISECTION_STEPS):
         mid = (lo + hi) * 0.5
         mass = torch.where(probs > mid, probs, torch.zeros_like(probs)).sum(dim=-1, keepdim=True)
         ok = mass <= p
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
-    return logits.masked_fill(probs <= lo, float("-inf"))
+    return x.masked_fill(probs <= lo, float("-inf"))
 
 
 def sample_tokens(
     logits: torch.Tensor,
     gumbel: torch.Tensor,
     *,
-    cfg_scale: torch.Tensor | float | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    cfg_scale=None,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
 ) -> torch.Tensor:
     """logits [2B or B, n, V] -> token ids int64 [B, n].
 
     ``cfg_scale`` None means no guidance (the batch is not doubled); otherwise the batch is [cond; uncond].
-    ``gumbel`` [B, n, V] is Gumbel(0, 1) noise (``restok.noise.gumbel_noise``).
+    ``gumbel`` [B, n, V] is Gumbel(0, 1) noise (``restok.noise.gumbel_noise``). Parameters may be Python
+    numbers or one-element tensors (graph inputs).
     """
     x = logits.float()
     if cfg_scale is not None:
         x = apply_cfg(x, cfg_scale)
-    x = x / max(float(temperature), 1e-5)
+    x = x / torch.clamp_min(_param(temperature, x, x.dtype), 1e-5)
     x = top_k_filter(x, top_k)
     x = top_p_filter(x, top_p)
     return torch.argmax(x + gumbel.to(x.dtype), dim=-1)

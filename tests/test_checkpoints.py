@@ -28,7 +28,8 @@ def test_round_trip(tmp_path, tiny_tokenizer, tiny_generator, as_file):
     assert _same_params(tok, tiny_tokenizer) and _same_params(gen, tiny_generator)
     assert not tok.training and not gen.training
     ids = torch.randint(0, 4096, (1, 128))
-    assert torch.equal(tok.decode(ids), tiny_tokenizer.decode(ids))
+    # same weights, separate instances: equal up to float rounding (kernels may depend on alignment)
+    assert torch.allclose(tok.decode(ids), tiny_tokenizer.decode(ids), atol=1e-5)
     with pytest.raises(CheckpointError, match="not a tokenizer"):
         restok.load_tokenizer(p_gen)
 

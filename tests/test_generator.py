@@ -64,6 +64,21 @@ def test_top_p_bisection_equals_sort(p, scale):
         assert abs(int(ours[r].sum()) - k) <= 1
 
 
+@pytest.mark.parametrize("k", [1, 2, 50, 3839, 4095, 4096, 5000])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e5])
+def test_top_k_bisection_equals_topk(k, scale):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(16, 4096, generator=g) * scale
+    logits[0, :5] = logits[0, 5]  # ties at the top
+    ours = torch.isfinite(top_k_filter(logits, k))
+    kk = min(k, 4096)
+    ref = logits >= torch.topk(logits, kk, dim=-1).values[..., -1:]
+    assert torch.equal(ours, ref)
+    # as a tensor (graph input) too, and k <= 0 keeps everything
+    assert torch.equal(torch.isfinite(top_k_filter(logits, torch.tensor([k]))), ref)
+    assert torch.isfinite(top_k_filter(logits, torch.tensor([0]))).all()
+
+
 def test_top_p_after_top_k_equals_sort():
     g = torch.Generator().manual_seed(3)
     logits = top_k_filter(torch.randn(32, 1000, generator=g) * 2, 50)

@@ -71,7 +71,7 @@ def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
     lo = torch.zeros_like(hi)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) * 0.5
-        mass = torch.where(probs > mid, probs, torch.zeros_like(probs)).sum(dim=-1, keepdim=True)
+        mass = (probs * (probs > mid).to(probs.dtype)).sum(dim=-1, keepdim=True)
         ok = mass <= p
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)

@@ -13,7 +13,10 @@ from restok.models.presets import get_preset
 
 def _same_params(a, b):
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, differ
+    return True
 
 
 @pytest.mark.parametrize("as_file", [False, True])
@@ -24,7 +27,8 @@ def test_round_trip(tmp_path, tiny_tokenizer, tiny_generator, as_file):
     # the preset argument is ignored: the checkpoint's own config wins
     tok = restok.load_tokenizer(p_tok, preset="L")
     gen = restok.load_generator(p_gen, preset="L")
-    assert tok.cfg == tiny_tokenizer.cfg and gen.cfg == tiny_generator.cfg
+    assert tok.cfg == tiny_tokenizer.cfg, (tok.cfg, tiny_tokenizer.cfg)
+    assert gen.cfg == tiny_generator.cfg, (gen.cfg, tiny_generator.cfg)
     assert _same_params(tok, tiny_tokenizer) and _same_params(gen, tiny_generator)
     assert not tok.training and not gen.training
     ids = torch.randint(0, 4096, (1, 128))

@@ -7,9 +7,19 @@ RMSNorm computed in float32), so that outputs agree with the official implementa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def no_autocast(device_type: str):
+    """Disable autocast for a region (quantizer, pixel decoder) only when it is on: a no-op otherwise,
+    which keeps graph export free of autocast regions."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 # --------------------------------------------------------------------------------------- RoPE
 
@@ -43,6 +53,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+# ------------------------------------------------------------------- fp32 islands for fp16 graphs
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (fp16 graphs keep their norms in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention; below float32 the scores and softmax are computed in float32."""
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
+
+
 # ------------------------------------------------------------------------------ tokenizer ViT
 
 
@@ -59,8 +101,8 @@ class ViTAttention(nn.Module):
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.q_norm = nn.LayerNorm(head_dim, eps=1e-5)
-        self.k_norm = nn.LayerNorm(head_dim, eps=1e-5)
+        self.q_norm = LayerNorm(head_dim, eps=1e-5)
+        self.k_norm = LayerNorm(head_dim, eps=1e-5)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,7 +112,7 @@ class ViTAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -90,9 +132,9 @@ class ViTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn = ViTAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gamma_1 = nn.Parameter(torch.ones(dim))
         self.gamma_2 = nn.Parameter(torch.ones(dim))
@@ -137,6 +179,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class ConcatKV:
+    """A functional cache for exported graphs: the past comes in as an input and present = past ++ new
+    goes out (``present_*`` after step i is exactly ``past_*`` of step i+1)."""
+
+    def __init__(self, past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
+        self.k, self.v = past_k, past_v
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class KVCache(nn.Module):
@@ -185,9 +241,7 @@ class GPTAttention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p if self.training else 0.0
-        )
+        out = attention(q, k, v, mask, self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, N, self.dim)))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restok.models.layers import ViTBlock, rope_2d
+from restok.models.layers import GroupNorm, LayerNorm, ViTBlock, no_autocast, rope_2d
 from restok.schedule import level_blocks, pooling_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,9 +118,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.norm1 = GroupNorm(32, cin, eps=1e-6)
         self.conv1 = Conv2dSame(cin, cout, 3, bias=False)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.norm2 = GroupNorm(32, cout, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2dSame(cout, cout, 3, bias=False)
         self.nin_shortcut = Conv2dSame(cout, cout, 1, bias=False) if cin != cout else None
@@ -150,7 +150,7 @@ class PixelEncoder(nn.Module):
         )
         c = hid * mult[-1]
         self.mid = nn.ModuleList([ResnetBlock(c, c) for _ in range(cfg.cnn_res_blocks)])
-        self.norm_out = nn.GroupNorm(32, c, eps=1e-6)
+        self.norm_out = GroupNorm(32, c, eps=1e-6)
         self.conv_out = Conv2dSame(c, cfg.cnn_z_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ class PixelDecoder(nn.Module):
                 for i in range(n)
             ]
         )
-        self.norm_out = nn.GroupNorm(32, hid * mult[0], eps=1e-6)
+        self.norm_out = GroupNorm(32, hid * mult[0], eps=1e-6)
         self.conv_out = Conv2dSame(hid * mult[0], 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +226,9 @@ class ResTokEncoder(nn.Module):
         self.blocks_sizes = level_blocks(cfg.num_latent_tokens)
         scale = D**-0.5
         self.patch_embed = nn.Conv2d(cfg.cnn_z_channels, D, kernel_size=1)
-        self.ln_pre = nn.LayerNorm(D)
+        self.ln_pre = LayerNorm(D)
         self.blocks = nn.ModuleList([ViTBlock(D, cfg.enc_heads) for _ in range(cfg.enc_layers)])
-        self.ln_post = nn.LayerNorm(D)
+        self.ln_post = LayerNorm(D)
         self.level_embedding = nn.ParameterList(
             [nn.Parameter(scale * torch.randn(1, D)) for _ in range(len(cfg.merge_layers) + 1)]
         )
@@ -331,9 +331,9 @@ class ResTokDecoder(nn.Module):
         self.mask_token = nn.Parameter(scale * torch.randn(1, 1, D))
         if cfg.vf_feature_dim:
             self.feat_mask_token = nn.Parameter(scale * torch.randn(1, 1, D))
-        self.ln_pre = nn.LayerNorm(D)
+        self.ln_pre = LayerNorm(D)
         self.blocks = nn.ModuleList([ViTBlock(D, cfg.dec_heads) for _ in range(cfg.dec_layers)])
-        self.ln_post = nn.LayerNorm(D)
+        self.ln_post = LayerNorm(D)
         self.ffn = nn.Conv2d(D, cfg.cnn_z_channels, 1)
         self.latent_token_level_embedding = nn.ParameterList(
             [nn.Parameter(scale * torch.randn(1, D)) for _ in self.blocks_sizes]
@@ -401,7 +401,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """z [B, N, token_size] -> (straight-through codes [B, N, c], ids [B, N], losses)."""
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with no_autocast(z.device.type):
             z = z.float()
             flat = z.reshape(-1, z.shape[-1])
             if self.cfg.use_l2_norm:
@@ -467,8 +467,8 @@ class ResTok(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor, num_tokens=None) -> torch.Tensor:
         feats = self.decoder(codes, num_tokens)
-        with torch.autocast(device_type=codes.device.type, enabled=False):
-            return self.pixel_decoder(feats.float())
+        with no_autocast(codes.device.type):  # the official runs the pixel decoder in fp32 under autocast
+            return self.pixel_decoder(feats.to(self.pixel_decoder.conv_in.weight.dtype))
 
     # -- public API
     @torch.no_grad()

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from restok.fileutil import atomic_path, replace_dir, staging_dir
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.presets import get_preset
 from restok.models.tokenizer import ResTok, TokenizerConfig
@@ -365,29 +365,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not _is_restok_folder(path))):
         raise CheckpointError(f"{path} exists and is not a restok checkpoint; refusing to overwrite it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
         doc = {"restok_format": FORMAT_VERSION, "kind": kind, "config": cfg, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

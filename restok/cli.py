@@ -1,9 +1,17 @@
-"""The ``restok`` command line."""
+"""The ``restok`` command line: export, generate, check, bench.
+
+Every command that runs a model reads an artifacts folder (``restok export``). Without ``--artifacts``,
+the model named by --checkpoint / --tokenizer + --generator / --preset (default: the bundled model) is
+exported once into a cache folder keyed by its weights and the export options, and reused.
+Exit codes: 0 success, 1 a check failed, 2 bad input (the message says what to fix).
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,133 +20,332 @@ import numpy as np
 
 from restok.schedule import CFG_SCHEDULES
 
-EXIT_USAGE = 2
+EXIT_FAIL, EXIT_USAGE = 1, 2
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+# ------------------------------------------------------------------------------------- arguments
+
+
+def _add_model_args(p: argparse.ArgumentParser, export_opts: bool = True) -> None:
+    g = p.add_argument_group("model (default: the bundled model)")
+    g.add_argument("--checkpoint", metavar="DIR", help="a folder with tokenizer/ and generator/ restok checkpoints")
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer checkpoint: file, folder or hub id (with --generator)")
+    g.add_argument("--generator", metavar="PATH", help="generator checkpoint: file, folder or hub id (with --tokenizer)")
+    g.add_argument("--preset", help="an architecture (tiny, B, L): its shapes for bare state dicts, or alone: "
+                                    "seeded random weights")
+    g.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    if export_opts:
+        e = p.add_argument_group("export")
+        e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+        e.add_argument("--batch", type=int, default=None, help="images per run the graphs are built for (default 1)")
+        e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+        e.add_argument("--no-cfg", action="store_true", help="export without classifier-free guidance (half the rows)")
+        e.add_argument("--no-encoder", action="store_true", help="skip the tokenizer encoder graph")
+
+
+def _add_artifacts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", metavar="DIR", help="an export folder (restok export); default: the model options below, "
+                                                       "exported into the cache on first use")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the paper's gFID 2.34 settings)")
-    g.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: 0..9 or fewer)")
+    g.add_argument("--classes", type=int, nargs="+", help="class ids, one image each (default: 0..7 or fewer)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same images on every backend")
     g.add_argument("--cfg-scale", type=float, default=3.75, help="classifier-free guidance scale; <= 1 disables (default 3.75)")
     g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="step", help="guidance schedule over the steps (default step)")
-    g.add_argument("--cfg-start", type=float, default=0.25, help="progress ratio where the 'step' schedule turns guidance on (default 0.25)")
+    g.add_argument("--cfg-start", type=float, default=0.25, help="progress where the 'step' schedule turns guidance on (default 0.25)")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
-    g.add_argument("--mode", choices=("har", "vanilla"), default="har", help="9-step HAR (default) or 128-step vanilla AR")
-    g.add_argument("--batch", type=int, default=8, help="images per forward batch (default 8)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="restok",
-        description="ResTok + HAR: generate images, export graphs, build engines, check parity, benchmark.",
+        description="ResTok + HAR: export per-step graphs, generate images, check parity, benchmark backends.",
+        epilog="Run 'restok COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    gen = sub.add_parser(
-        "generate",
-        help="generate class-conditional images (PNG per image, a grid, a JSON summary)",
-        description="Generate images with the PyTorch reference loop. Without checkpoints, the architecture "
-        "of --preset with seeded random weights is used.",
-    )
-    src = gen.add_argument_group("model")
-    src.add_argument("--preset", default="tiny", help="architecture: tiny (default), B or L")
-    src.add_argument("--tokenizer", metavar="PATH", help="tokenizer checkpoint (file, folder or hub id)")
-    src.add_argument("--generator", metavar="PATH", help="generator checkpoint (file, folder or hub id)")
-    src.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights used without checkpoints")
-    src.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ex = sub.add_parser("export", help="export the generator (one graph per HAR step) and the tokenizer to ONNX",
+                        description="Export one ONNX graph per HAR step (sampling inside), the tokenizer decoder and "
+                                    "encoder, a shared weights file per model and manifest.json. A preset alone "
+                                    "means that architecture with seeded random weights; no model option means "
+                                    "the bundled model.")
+    _add_model_args(ex)
+    ex.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically when complete)")
+    ex.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    ex.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="generate class-conditional images (PNGs, a grid, tokens, a JSON summary)",
+                         description="Generate images from an export on a backend. Writes one PNG per image, "
+                                     "grid.png, tokens.npy and summary.json (timings per step and for decoding).")
+    _add_artifacts_arg(gen)
+    _add_model_args(gen)
+    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (the reference)")
+    gen.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     _add_sampling_args(gen)
     gen.add_argument("--out", required=True, metavar="DIR", help="output folder")
     gen.add_argument("--json", action="store_true", help="print the JSON summary on stdout")
     gen.set_defaults(func=cmd_generate)
+
+    chk = sub.add_parser("check", help="PyTorch vs ONNX Runtime parity, step by step, and Polygraphy reference files",
+                         description="Compare the exported graphs on ONNX Runtime with the PyTorch modules they came "
+                                     "from: teacher-forced logits per step, sampled tokens over whole generations "
+                                     "under the same noise, decoder error and PSNR. Writes Polygraphy input and "
+                                     "reference-output files for replay (polygraphy run ... --load-inputs "
+                                     "--load-outputs). Exits 1 when a check fails.")
+    _add_artifacts_arg(chk)
+    _add_model_args(chk)
+    chk.add_argument("--images", type=int, default=16, help="images for the token-agreement check (default 16)")
+    chk.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    chk.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    chk.add_argument("--max-logit-error", type=float, default=None, help="fail above this max abs logits error "
+                     "(default 1e-3 for fp32, report only for fp16)")
+    chk.add_argument("--min-token-agreement", type=float, default=None, help="fail below this fraction (default 1.0 for fp32)")
+    chk.add_argument("--min-psnr", type=float, default=None, help="fail below this decoder PSNR in dB (default 60 for fp32)")
+    chk.add_argument("--polygraphy-dir", metavar="DIR", help="where to write Polygraphy files (default: ARTIFACTS/polygraphy)")
+    chk.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
+    chk.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="latency per step, per decode and end to end, across backends, in one run",
+                       description="Time the pipeline on each backend, interleaving runs so that every backend sees "
+                                   "the same machine load; report medians, p90s, images/s, memory and the speed "
+                                   "ratio between backends.")
+    b.add_argument("--artifacts", metavar="DIR", action="append", help="export folder(s); repeat for several batch sizes")
+    _add_model_args(b)
+    b.add_argument("--backends", default="onnxruntime,torch", help="comma-separated (default onnxruntime,torch)")
+    b.add_argument("--runs", type=int, default=5, help="timed runs per backend (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
-def _load_models(args):
-    import torch
+# ------------------------------------------------------------------------------- model resolution
 
+
+def _bundled_model() -> Path | None:
+    d = Path(__file__).parent / "assets" / "tiny"
+    return d if (d / "tokenizer").exists() and (d / "generator").exists() else None
+
+
+def _resolve_models(args):
+    """-> (tokenizer, generator, source dict) from the model options."""
     from restok.checkpoints import load_generator, load_tokenizer
     from restok.models.presets import build_generator, build_tokenizer, get_preset
 
-    get_preset(args.preset)
-    tok = load_tokenizer(args.tokenizer, args.preset) if args.tokenizer else build_tokenizer(args.preset, seed=args.weights_seed)
-    gen = load_generator(args.generator, args.preset) if args.generator else build_generator(args.preset, seed=args.weights_seed + 1)
-    if tok.cfg.codebook_size != gen.cfg.vocab_size or tok.cfg.num_latent_tokens != gen.cfg.block_size:
-        raise CLIError(
-            f"tokenizer (codebook {tok.cfg.codebook_size}, {tok.cfg.num_latent_tokens} tokens) and generator "
-            f"(vocab {gen.cfg.vocab_size}, {gen.cfg.block_size} tokens) do not belong together"
-        )
-    device = torch.device(args.device)
-    return tok.to(device), gen.to(device)
+    if bool(args.tokenizer) != bool(args.generator):
+        raise CLIError("--tokenizer and --generator go together")
+    if args.checkpoint and args.tokenizer:
+        raise CLIError("use either --checkpoint DIR or --tokenizer/--generator, not both")
+    preset = args.preset
+    if preset:
+        get_preset(preset)
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    if folder is None and not args.tokenizer and not preset:
+        folder = _bundled_model()
+        if folder is None:
+            preset = "tiny"
+            print("restok: no bundled trained model in this install; using the tiny preset with seeded random weights",
+                  file=sys.stderr)
+    if folder is not None:
+        t_path, g_path = folder / "tokenizer", folder / "generator"
+    elif args.tokenizer:
+        t_path, g_path = args.tokenizer, args.generator
+    else:
+        s = args.weights_seed
+        source = {"kind": "preset", "preset": preset, "tokenizer_seed": s, "generator_seed": s + 1}
+        return build_tokenizer(preset, seed=s), build_generator(preset, seed=s + 1), source
+    tok = load_tokenizer(t_path, preset or "L")
+    gen = load_generator(g_path, preset or "L")
+    src = {"kind": "checkpoint", "tokenizer": str(Path(t_path).resolve()) if Path(t_path).exists() else str(t_path),
+           "generator": str(Path(g_path).resolve()) if Path(g_path).exists() else str(g_path)}
+    return tok, gen, src
+
+
+def _export_options(args):
+    from restok.export import DEFAULT_OPSET, ExportOptions
+
+    return ExportOptions(precision=getattr(args, "precision", "fp32"), batch=getattr(args, "batch", 1) or 1,
+                         guided=not getattr(args, "no_cfg", False),
+                         opset=getattr(args, "opset", None) or DEFAULT_OPSET,
+                         encoder=not getattr(args, "no_encoder", False))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
+
+
+def _artifacts(args) -> Path:
+    """--artifacts, or the model options exported into the cache (once)."""
+    if getattr(args, "artifacts", None):
+        a = args.artifacts
+        folder = Path(a[0] if isinstance(a, list) else a)
+        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", "tokenizer", "generator", "preset", "precision", "opset")
+                 if getattr(args, o, None) not in (None, "fp32")]
+        if given:
+            raise CLIError(f"--artifacts already fixes the model and export options; drop {', '.join(given)}")
+        if getattr(args, "batch", None) is not None:
+            from restok.manifest import Manifest
+
+            have = Manifest.read(folder).batch
+            if have != args.batch:
+                raise CLIError(f"{folder} was exported for batch {have}, not {args.batch}; "
+                               f"re-export with --batch {args.batch} or drop --batch")
+        return folder
+    from dataclasses import asdict
+
+    import restok
+    from restok.export import export_artifacts, state_dict_sha256
+    from restok.manifest import ArtifactError, Manifest
+
+    tok, gen, source = _resolve_models(args)
+    opts = _export_options(args)
+    key = json.dumps({"v": restok.__version__, "tok": state_dict_sha256(tok), "gen": state_dict_sha256(gen),
+                      "opts": asdict(opts)}, sort_keys=True)
+    folder = _cache_root() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:20]
+    try:
+        Manifest.read(folder)
+        return folder
+    except ArtifactError:
+        pass
+    print(f"restok: exporting the model into {folder} (once)", file=sys.stderr)
+    export_artifacts(tok, gen, folder, opts, source=source)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_export(args) -> dict:
+    from restok.export import export_artifacts
+
+    opts = _export_options(args)
+    opts.validate()
+    tok, gen, source = _resolve_models(args)
+    t0 = time.perf_counter()
+    m = export_artifacts(tok, gen, args.out, opts, source=source)
+    summary = {
+        "out": str(Path(args.out).resolve()), "precision": m.precision, "batch": m.batch, "guided": m.guided,
+        "opset": m.opset, "graphs": sorted(m.graphs), "seconds": round(time.perf_counter() - t0, 2),
+        "bytes": sum(f["bytes"] for f in m.files.values()),
+    }
+    if not args.json:
+        print(f"exported {len(m.graphs)} graphs ({summary['bytes'] / 2**20:.1f} MiB, {m.precision}, batch {m.batch}) "
+              f"to {summary['out']} in {summary['seconds']}s")
+    return summary
+
+
+def _sampling(args):
+    from restok.runtime import SamplingParams
+
+    s = SamplingParams(args.cfg_scale, args.cfg_schedule, args.cfg_start, args.temperature, args.top_k, args.top_p)
+    s.validate()
+    return s
+
+
+def _batches(classes: list[int], batch: int):
+    """Chunks of exactly ``batch`` labels; the last is padded by repeating its last label (the padded
+    images are dropped). Noise is per image index, so padding changes nothing."""
+    for start in range(0, len(classes), batch):
+        chunk = classes[start : start + batch]
+        yield start, len(chunk), chunk + [chunk[-1]] * (batch - len(chunk))
 
 
 def cmd_generate(args) -> dict:
-    import torch
     from tqdm import tqdm
 
-    from restok.generation import check_sampling_args, generate
     from restok.images import make_grid, save_png, to_uint8
-    from restok.noise import gumbel_noise
+    from restok.runtime import Pipeline
 
-    if args.batch < 1:
-        raise CLIError(f"--batch must be >= 1, got {args.batch}")
-    check_sampling_args(args.cfg_scale, args.cfg_schedule, args.temperature, args.top_k, args.top_p)
-    tok, gen = _load_models(args)
-    classes = args.classes if args.classes is not None else list(range(min(gen.cfg.num_classes, 10)))
-    bad = [c for c in classes if not 0 <= c < gen.cfg.num_classes]
+    sampling = _sampling(args)
+    folder = _artifacts(args)
+    pipe = Pipeline(folder, backend=args.backend, threads=args.threads)
+    m = pipe.manifest
+    classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
+    bad = [c for c in classes if not 0 <= c < m.num_classes]
     if bad:
-        raise CLIError(f"class ids {bad} are outside [0, {gen.cfg.num_classes}) for this generator")
+        raise CLIError(f"class ids {bad} are outside [0, {m.num_classes}) for this model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    N, V = gen.cfg.block_size, gen.cfg.vocab_size
-    t_gen = t_dec = 0.0
     images, tokens = [], []
-    with tqdm(total=len(classes), desc="generating", unit="img", file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(classes), args.batch):
-            labels = torch.tensor(classes[start : start + args.batch])
-            noise = gumbel_noise(args.seed, len(labels), N, V, start=start)
-            t0 = time.perf_counter()
-            ids = generate(gen, labels, cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
-                           cfg_start=args.cfg_start, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, noise=noise, mode=args.mode)
-            t1 = time.perf_counter()
-            imgs = tok.decode(ids)
-            t2 = time.perf_counter()
-            t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
-            images.append(to_uint8(imgs.float().cpu().numpy()))
-            tokens.append(ids.cpu().numpy())
-            bar.update(len(labels))
+    step_times = np.zeros(m.num_steps)
+    t_dec = 0.0
+    with tqdm(total=len(classes), desc=f"generating ({args.backend})", unit="img", file=sys.stderr, disable=None) as bar:
+        for start, n, labels in _batches(classes, m.batch):
+            g = pipe.generate(labels, sampling, seed=args.seed, noise_start=start)
+            step_times += g.step_seconds
+            t_dec += g.decode_seconds
+            images.append(to_uint8(g.images[:n]))
+            tokens.append(g.tokens[:n])
+            bar.update(n)
+    pipe.close()
     images = np.concatenate(images)
-    files = []
-    for i, (c, img) in enumerate(zip(classes, images)):
-        files.append(str(save_png(img, out / f"{i:04d}_class{c}.png")))
+    files = [str(save_png(img, out / f"{i:04d}_class{c}.png")) for i, (c, img) in enumerate(zip(classes, images))]
     grid = save_png(make_grid(images), out / "grid.png")
     np.save(out / "tokens.npy", np.concatenate(tokens))
     summary = {
-        "backend": "torch",
-        "preset": args.preset,
-        "tokenizer": args.tokenizer or f"random weights (seed {args.weights_seed})",
-        "generator": args.generator or f"random weights (seed {args.weights_seed + 1})",
-        "mode": args.mode,
-        "num_steps": (gen.schedule if args.mode == "har" else gen.vanilla_schedule()).num_steps,
-        "classes": classes,
-        "seed": args.seed,
-        "sampling": {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule, "cfg_start": args.cfg_start,
-                     "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
-        "seconds": {"generate": round(t_gen, 4), "decode": round(t_dec, 4)},
-        "images_per_second": round(len(classes) / max(t_gen + t_dec, 1e-9), 3),
-        "images": files,
-        "tokens": str(out / "tokens.npy"),
-        "grid": str(grid),
+        "artifacts": str(folder), "backend": args.backend, "precision": m.precision, "batch": m.batch,
+        "num_steps": m.num_steps, "classes": classes, "seed": args.seed,
+        "sampling": {"cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule, "cfg_start": sampling.cfg_start,
+                     "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        "seconds": {"steps": [round(t, 5) for t in step_times], "generate": round(float(step_times.sum()), 4),
+                    "decode": round(t_dec, 4)},
+        "images_per_second": round(len(classes) / max(float(step_times.sum()) + t_dec, 1e-9), 3),
+        "images": files, "grid": str(grid), "tokens": str(out / "tokens.npy"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not args.json:
+        print(f"wrote {len(files)} images and {grid} ({summary['seconds']['generate']}s generate, "
+              f"{summary['seconds']['decode']}s decode, {args.backend})")
     return summary
+
+
+def cmd_check(args) -> dict:
+    from restok.parity import ParityThresholds, run_check
+
+    folder = _artifacts(args)
+    th = ParityThresholds.for_precision_of(folder)
+    th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
+    report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
+                       polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else None)
+    _write_json(report, args.json)
+    print(report["summary"], file=sys.stderr)
+    return {"_exit": 0 if report["passed"] else EXIT_FAIL, **({"report": report} if args.json == "-" else {})}
+
+
+def cmd_bench(args) -> dict:
+    from restok.bench import format_table, run_bench
+
+    if args.runs < 1 or args.warmup < 0:
+        raise CLIError("--runs must be >= 1 and --warmup >= 0")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    folders = [Path(a) for a in args.artifacts] if args.artifacts else [_artifacts(args)]
+    results = [run_bench(f, backends, runs=args.runs, warmup=args.warmup, threads=args.threads) for f in folders]
+    doc = {"results": results}
+    _write_json(doc, args.json)
+    print(format_table(results), file=sys.stderr if args.json == "-" else sys.stdout)
+    return {}
+
+
+def _write_json(doc: dict, where: str | None) -> None:
+    if not where:
+        return
+    text = json.dumps(doc, indent=2) + "\n"
+    if where == "-":
+        sys.stdout.write(text)
+    else:
+        from restok.fileutil import atomic_write_bytes
+
+        atomic_write_bytes(where, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"restok {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as e:  # bad input detected by the library (CheckpointError is one)
+    except (ValueError, ImportError, FileNotFoundError) as e:  # bad input found by the library
         print(f"restok {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if getattr(args, "json", False):
+    except KeyboardInterrupt:
+        print(f"restok {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and getattr(args, "json", None) is True:
         print(json.dumps(result, indent=2))
-    elif isinstance(result, dict) and "grid" in result:
-        print(f"wrote {len(result['images'])} images and {result['grid']} "
-              f"({result['seconds']['generate']}s generate, {result['seconds']['decode']}s decode)")
-    return 0
+    return int(result.get("_exit", 0)) if isinstance(result, dict) else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from restok.fileutil import atomic_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -34,14 +35,6 @@ def save_png(image_u8: np.ndarray, path: str | os.PathLike) -> Path:
     """Write one uint8 [H, W, 3] image atomically (temporary name, then rename)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(image_u8).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -7,9 +7,10 @@ backend draws the same tokens from the same noise.
 
 Equivalence with the official sampler (sort, cumulative softmax, multinomial): top-k keeps every logit
 >= the k-th largest; top-p keeps the tokens whose preceding probability mass (in descending order) is
-<= p. Both thresholds are found by bisection on the value axis, which ends with the threshold bracketed
-by adjacent floats for any practical input (64 halvings of the value range), so the kept sets are the
-official ones. Gumbel-max then draws exactly from the softmax of the kept logits. Tied values at a
+<= p. Both thresholds are found by bisection on the logits shifted to a maximum of 0: 40 halvings of
+the logit range leave a bracket far narrower than the float spacing of any threshold not within ~1e-4 of
+the maximum, so the kept sets are the official ones (closer to the maximum, only logits within 1e-10 of
+the threshold, i.e. ties, could be added). Gumbel-max then draws exactly from the softmax of the kept logits. Tied values at a
 boundary are all kept, and top-p sums probabilities in another order than a sorted cumulative sum, so a
 token whose preceding mass is within float rounding of p may be kept where the official drops it.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-BISECTION_STEPS = 64
+BISECTION_STEPS = 40
 
 
 def _param(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,47 +36,51 @@ def apply_cfg(logits: torch.Tensor, cfg_scale) -> torch.Tensor:
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
+def _bracket(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits shifted so the max is 0, and a bracket [lo, hi] = [min - 1, 0] (-inf entries ignored)."""
+    xs = x - x.amax(dim=-1, keepdim=True)
+    lo = xs.masked_fill(torch.isinf(xs), 0.0).amin(dim=-1, keepdim=True) - 1.0
+    return xs, lo, lo * 0.0
+
+
 def top_k_filter(x: torch.Tensor, top_k) -> torch.Tensor:
     """Keep values >= the k-th largest along the last axis (ties kept), others -> -inf; k <= 0 keeps all.
 
-    Bisection on t for the least t with count(x > t) < k, which is the k-th largest value; ``lo`` always
-    satisfies count(x > lo) >= k, so keeping x > lo never keeps fewer than k."""
+    Bisection for the least t with count(x > t) < k (the k-th largest value); ``lo`` always satisfies
+    count(x > lo) >= k, so keeping x > lo never keeps fewer than k."""
     if isinstance(top_k, int) and top_k <= 0:
         return x
     V = x.shape[-1]
     k = _param(top_k, x, torch.int64)
     k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k).to(x.dtype)
-    hi = x.amax(dim=-1, keepdim=True)
-    mn = x.amin(dim=-1, keepdim=True)
-    lo = mn - 1.0 - mn.abs()
+    xs, lo, hi = _bracket(x)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) * 0.5
-        many = (x > mid).to(x.dtype).sum(dim=-1, keepdim=True) >= k
+        many = (xs > mid).to(x.dtype).sum(dim=-1, keepdim=True) >= k
         lo = torch.where(many, mid, lo)
         hi = torch.where(many, hi, mid)
-    return x.masked_fill(x <= lo, float("-inf"))
+    return x.masked_fill(xs <= lo, float("-inf"))
 
 
 def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
     """Nucleus filtering without a sort; p >= 1 keeps all.
 
-    Keep token j iff the probability mass of tokens strictly more likely than j is <= p. The smallest kept
-    probability is the least t with mass(probs > t) <= p; bisection keeps mass(probs > lo) > p >=
-    mass(probs > hi), and keeping probs > lo keeps at least one token."""
+    Keep token j iff the probability mass of tokens strictly more likely than j is <= p, i.e. its logit
+    is >= the least t with mass(x > t) <= p. Bisection keeps mass(x > lo) > p >= mass(x > hi), and
+    keeping x > lo keeps at least one token."""
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return x
     probs = torch.softmax(x, dim=-1)
     p = _param(top_p, x, probs.dtype)
     p = torch.where(p >= 1.0, torch.full_like(p, 2.0), p)  # disabled: every mass is <= 2
-    hi = probs.amax(dim=-1, keepdim=True)
-    lo = torch.zeros_like(hi)
+    xs, lo, hi = _bracket(x)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) * 0.5
-        mass = (probs * (probs > mid).to(probs.dtype)).sum(dim=-1, keepdim=True)
+        mass = (probs * (xs > mid).to(probs.dtype)).sum(dim=-1, keepdim=True)
         ok = mass <= p
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
-    return x.masked_fill(probs <= lo, float("-inf"))
+    return x.masked_fill(xs <= lo, float("-inf"))
 
 
 def sample_tokens(

@@ -1,43 +1,94 @@
-"""The command line: generate writes PNGs, a grid and a JSON summary; bad input exits 2 with a message."""
+"""The command line: generate writes PNGs, a grid, tokens and a JSON summary; bench and check write JSON;
+bad input exits 2 with a message that names the problem."""
 
 import json
 
 import numpy as np
-
+import pytest
 from PIL import Image
 
 from restok.cli import main
 
 
-def test_generate_tiny(tmp_path, capsys):
-    out = tmp_path / "gen"
-    rc = main(["generate", "--preset", "tiny", "--classes", "1", "2", "3", "--batch", "2", "--out", str(out), "--json"])
-    assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["num_steps"] == 9 and len(summary["images"]) == 3
-    assert json.loads((out / "summary.json").read_text()) == summary
-    img = Image.open(out / "0000_class1.png")
+def test_generate_backends_agree(tiny_artifacts, tmp_path, capsys):
+    outs = {}
+    for backend in ("onnxruntime", "torch"):
+        out = tmp_path / backend
+        rc = main(["generate", "--artifacts", str(tiny_artifacts), "--backend", backend, "--classes", "1", "2", "3",
+                   "--out", str(out), "--json"])
+        assert rc == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["num_steps"] == 9 and len(summary["images"]) == 3 and len(summary["seconds"]["steps"]) == 9
+        assert json.loads((out / "summary.json").read_text()) == summary
+        outs[backend] = out
+    img = Image.open(outs["onnxruntime"] / "0000_class1.png")
     assert img.size == (64, 64) and img.mode == "RGB"
-    assert Image.open(out / "grid.png").size[0] > 64 * 3
-    # batching does not change the tokens (the images only by float rounding of batched matmuls)
-    out2 = tmp_path / "gen2"
-    assert main(["generate", "--preset", "tiny", "--classes", "1", "2", "3", "--batch", "3", "--out", str(out2)]) == 0
-    assert np.array_equal(np.load(out / "tokens.npy"), np.load(out2 / "tokens.npy"))
-    assert np.load(out / "tokens.npy").shape == (3, 128)
+    assert Image.open(outs["onnxruntime"] / "grid.png").size[0] > 64 * 3
+    # the same seed gives the same tokens on every backend (3 images: the last batch was padded)
+    t = {b: np.load(o / "tokens.npy") for b, o in outs.items()}
+    assert t["onnxruntime"].shape == (3, 128) and np.array_equal(t["onnxruntime"], t["torch"])
     for i, c in enumerate([1, 2, 3]):
-        a = np.asarray(Image.open(out / f"{i:04d}_class{c}.png"), dtype=np.int16)
-        b = np.asarray(Image.open(out2 / f"{i:04d}_class{c}.png"), dtype=np.int16)
+        a = np.asarray(Image.open(outs["onnxruntime"] / f"{i:04d}_class{c}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(outs["torch"] / f"{i:04d}_class{c}.png"), dtype=np.int16)
         assert np.abs(a - b).max() <= 1
 
 
-def test_generate_bad_class(tmp_path, capsys):
-    rc = main(["generate", "--preset", "tiny", "--classes", "12", "--out", str(tmp_path)])
+def test_generate_bad_class(tiny_artifacts, tmp_path, capsys):
+    rc = main(["generate", "--artifacts", str(tiny_artifacts), "--classes", "12", "--out", str(tmp_path)])
     assert rc == 2
     assert "class ids [12] are outside [0, 10)" in capsys.readouterr().err
 
 
-def test_generate_bad_preset_and_checkpoint(tmp_path, capsys):
-    assert main(["generate", "--preset", "XL", "--out", str(tmp_path)]) == 2
+def test_bad_model_options(tmp_path, capsys):
+    assert main(["export", "--preset", "XL", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'XL'" in capsys.readouterr().err
-    assert main(["generate", "--generator", str(tmp_path / "missing.bin"), "--out", str(tmp_path)]) == 2
+    assert main(["export", "--tokenizer", str(tmp_path / "t.bin"), "--generator", str(tmp_path / "g.bin"),
+                 "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["export", "--tokenizer", "x", "--out", str(tmp_path / "x")]) == 2
+    assert "--tokenizer and --generator go together" in capsys.readouterr().err
+    assert main(["generate", "--artifacts", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_json(tiny_artifacts, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())["results"][0]
+    assert set(doc["backends"]) == {"onnxruntime", "torch"}
+    ort = doc["backends"]["onnxruntime"]
+    assert len(ort["steps"]) == 9 and ort["end_to_end"]["median_ms"] > 0 and ort["images_per_second"] > 0
+    sp = doc["speedup_vs_reference"]["onnxruntime"]
+    assert sp["end_to_end"] > 0 and sp["same_tokens"] is True
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_check_cli(tiny_artifacts, tmp_path):
+    out = tmp_path / "check.json"
+    assert main(["check", "--artifacts", str(tiny_artifacts), "--images", "2", "--json", str(out),
+                 "--polygraphy-dir", str(tmp_path / "pg")]) == 0
+    r = json.loads(out.read_text())
+    assert r["passed"] and (tmp_path / "pg" / "step0_inputs.json").exists()
+    # an impossible threshold fails with exit code 1
+    assert main(["check", "--artifacts", str(tiny_artifacts), "--images", "2", "--min-psnr", "1000",
+                 "--polygraphy-dir", str(tmp_path / "pg")]) == 1
+
+
+def test_cache_exports_once(tiny_artifacts, tmp_path, monkeypatch):
+    """Without --artifacts the model is exported into the cache once, then reused."""
+    import shutil
+
+    import restok.export as export
+    from restok.cli import _artifacts, _build_parser
+
+    monkeypatch.setenv("RESTOK_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_export(tok, gen, out, opts, source=None, **kw):
+        calls.append(out)
+        shutil.copytree(tiny_artifacts, out)
+
+    monkeypatch.setattr(export, "export_artifacts", fake_export)
+    args = _build_parser().parse_args(["generate", "--preset", "tiny", "--batch", "2", "--out", str(tmp_path / "o")])
+    a, b = _artifacts(args), _artifacts(args)
+    assert a == b and len(calls) == 1 and str(a).startswith(str(tmp_path / "cache"))

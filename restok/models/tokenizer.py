@@ -251,7 +251,8 @@ class ResTokEncoder(nn.Module):
             ids.append(_line_ids(n_lat, off))
             # level ids: image grids coarse->fine, then the latent blocks; attend iff level(q) >= level(k)
             lv = _level_ids([h * w for h, w in grids] + self.blocks_sizes)
-            stages.append({"ids": torch.cat(ids), "mask": lv[:, None] >= lv[None, :]})
+            rope = rope_2d(torch.cat(ids), self.cfg.enc_width // self.cfg.enc_heads, self.cfg.rope_theta)
+            stages.append({"rope": rope, "mask": lv[:, None] >= lv[None, :]})
             grids = [(grids[0][0], grids[0][1] // 2)] + grids
         return stages
 
@@ -277,11 +278,9 @@ class ResTokEncoder(nn.Module):
         x = self.ln_pre(torch.cat([x, latent], dim=1))
         stage, level = 0, 1
         merges = set(cfg.merge_layers)
-        head_dim = cfg.enc_width // cfg.enc_heads
-        rope = rope_2d(self._stages[0]["ids"], head_dim, cfg.rope_theta)
-        rope = tuple(t.to(x.device) for t in rope)
         for i, blk in enumerate(self.blocks):
             st = self._stages[stage]
+            rope = tuple(t.to(x.device) for t in st["rope"])
             x = blk.attend(x, rope, st["mask"].to(x.device))
             if i in merges:
                 n = self._image_sizes(stage)[0]  # the coarsest image level, at the front
@@ -295,7 +294,6 @@ class ResTokEncoder(nn.Module):
                 x = torch.cat([x[:, : n // 2] + self.level_embedding[level], x[:, n // 2 :]], dim=1)
                 level += 1
                 stage += 1
-                rope = tuple(t.to(x.device) for t in rope_2d(self._stages[stage]["ids"], head_dim, cfg.rope_theta))
         N = cfg.num_latent_tokens
         latent = self.ln_post(x[:, -N:])
         if cfg.is_legacy:  # official quirk: reinterpret [B, N, D] memory as [B, D, N, 1] (no transpose)
@@ -340,7 +338,8 @@ class ResTokDecoder(nn.Module):
         )
         self.decoder_embed = nn.ModuleList([nn.Linear(cfg.token_size, D) for _ in self.blocks_sizes])
         g, N = cfg.grid_size, cfg.num_latent_tokens
-        self._rope_ids = torch.cat([_line_ids(N, 0), _grid_ids(g, g, N)])
+        # float32 tables computed once (plain attributes: not weights, and not cast by .half())
+        self._rope = rope_2d(torch.cat([_line_ids(N, 0), _grid_ids(g, g, N)]), D // cfg.dec_heads, cfg.rope_theta)
 
     def forward(self, codes: torch.Tensor, num_tokens=None, with_features: bool = False):
         """codes [B, N, token_size] -> features [B, z, g, g] for the pixel decoder.
@@ -365,7 +364,7 @@ class ResTokDecoder(nn.Module):
             x = torch.cat([x, x], dim=0)
         x = x + _level_rows(self.blocks_sizes, self.latent_token_level_embedding)
         x = self.ln_pre(torch.cat([x, queries], dim=1))
-        rope = tuple(t.to(x.device) for t in rope_2d(self._rope_ids, cfg.dec_width // cfg.dec_heads, cfg.rope_theta))
+        rope = tuple(t.to(x.device) for t in self._rope)
         for blk in self.blocks:
             x = blk(x, rope, None)
         x = x[:, N:]

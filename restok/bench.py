@@ -1,0 +1,116 @@
+"""``restok bench``: latency of each backend on the same artifacts, measured in one run.
+
+Runs are interleaved (backend A, backend B, A, B, ...) so that every backend sees the same machine load;
+numbers are medians and p90s of several runs, and the headline is the ratio between backends, which is
+what survives a noisy shared machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from restok.manifest import Manifest
+from restok.runtime.pipeline import Pipeline, SamplingParams
+
+REFERENCE = "torch"
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc), else the peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if platform.system() != "Darwin" else r / 2**20
+
+
+def _stats(x: list[float]) -> dict:
+    a = np.asarray(x) * 1000.0
+    return {"median_ms": round(float(np.median(a)), 3), "p90_ms": round(float(np.percentile(a, 90)), 3)}
+
+
+def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: int = 1, threads: int | None = None,
+              sampling: SamplingParams = SamplingParams(), seed: int = 0) -> dict:
+    folder = Path(folder)
+    m = Manifest.read(folder)
+    labels = [i % m.num_classes for i in range(m.batch)]
+    pipes, info = {}, {}
+    for name in backends:
+        before = rss_mb()
+        t0 = time.perf_counter()
+        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m)
+        info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
+    samples = {n: {"steps": [], "decode": [], "e2e": []} for n in backends}
+    tokens = {}
+    for r in range(warmup + runs):
+        for name, p in pipes.items():
+            t0 = time.perf_counter()
+            g = p.generate(labels, sampling, seed=seed)
+            e2e = time.perf_counter() - t0
+            tokens[name] = g.tokens
+            if r >= warmup:
+                s = samples[name]
+                s["steps"].append(g.step_seconds)
+                s["decode"].append(g.decode_seconds)
+                s["e2e"].append(e2e)
+    out = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "runs": runs, "warmup": warmup,
+           "threads": threads or os.cpu_count(), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+           "backends": {}}
+    for name, s in samples.items():
+        steps = np.asarray(s["steps"])
+        e2e = _stats(s["e2e"])
+        out["backends"][name] = {
+            **info[name],
+            "steps": [_stats(steps[:, i].tolist()) for i in range(steps.shape[1])],
+            "generate": _stats(steps.sum(axis=1).tolist()),
+            "decode": _stats(s["decode"]),
+            "end_to_end": e2e,
+            "images_per_second": round(m.batch / (e2e["median_ms"] / 1000.0), 4),
+        }
+    ref = REFERENCE if REFERENCE in samples else backends[0]
+    out["reference"] = ref
+    out["speedup_vs_reference"] = {}
+    for name in samples:
+        if name == ref:
+            continue
+        sp = {}
+        for part in ("end_to_end", "generate", "decode"):
+            a, b = out["backends"][ref][part]["median_ms"], out["backends"][name][part]["median_ms"]
+            sp[part] = round(a / b, 3) if b > 0 else None
+        # per-run ratios (paired runs share the machine's state), then their median
+        pair = [x / y for x, y in zip(samples[ref]["e2e"], samples[name]["e2e"])]
+        sp["end_to_end_paired_median"] = round(float(np.median(pair)), 3)
+        sp["same_tokens"] = bool(np.array_equal(tokens[ref], tokens[name]))
+        out["speedup_vs_reference"][name] = sp
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    for p in pipes.values():
+        p.close()
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    lines = []
+    for res in results:
+        lines.append(f"{res['artifacts']}  ({res['precision']}, batch {res['batch']}, {res['runs']} runs, "
+                     f"{res['threads']} threads)")
+        lines.append(f"  {'backend':<12} {'e2e ms':>10} {'p90':>10} {'generate':>10} {'decode':>10} {'img/s':>8} {'speedup':>8}")
+        for name, b in res["backends"].items():
+            sp = res["speedup_vs_reference"].get(name, {}).get("end_to_end")
+            lines.append(f"  {name:<12} {b['end_to_end']['median_ms']:>10.1f} {b['end_to_end']['p90_ms']:>10.1f} "
+                         f"{b['generate']['median_ms']:>10.1f} {b['decode']['median_ms']:>10.1f} "
+                         f"{b['images_per_second']:>8.3f} {('%.2fx' % sp) if sp else 'ref':>8}")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""``restok check``: PyTorch vs ONNX Runtime on the same artifacts, step by step (parity ladder rung 2/3).
+
+1. Teacher-forced per step: the PyTorch modules run one generation; every pass's recorded inputs are fed
+   to the matching ONNX graph, and logits, sampled tokens and KV caches are compared.
+2. Free-running generations under the same noise: the fraction of identical sampled tokens.
+3. The tokenizer decoder on the same tokens: max error and PSNR; the encoder: identical ids.
+The recorded inputs and PyTorch outputs are written as Polygraphy files so that any later backend can
+replay them (``polygraphy run generator/step3.onnx --trt --load-inputs ... --load-outputs ...``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from restok.manifest import Manifest
+from restok.runtime.backend import create_backend
+from restok.runtime.pipeline import Pipeline, SamplingParams
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """None means report only."""
+
+    max_logit_error: float | None = 1e-3
+    min_token_agreement: float | None = 1.0
+    min_psnr: float | None = 60.0
+
+    @classmethod
+    def for_precision(cls, precision: str) -> "ParityThresholds":
+        return cls() if precision == "fp32" else cls(None, None, None)
+
+    @classmethod
+    def for_precision_of(cls, folder: Path) -> "ParityThresholds":
+        return cls.for_precision(Manifest.read(folder).precision)
+
+    def override(self, max_logit_error=None, min_token_agreement=None, min_psnr=None) -> "ParityThresholds":
+        kw = {k: v for k, v in dict(max_logit_error=max_logit_error, min_token_agreement=min_token_agreement,
+                                     min_psnr=min_psnr).items() if v is not None}
+        return replace(self, **kw)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def _labels(m: Manifest, start: int, n: int) -> list[int]:
+    return [(start + i) % m.num_classes for i in range(n)]
+
+
+def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dict:
+    """Polygraphy's own JSON formats: a list of feed dicts, and RunResults with a 'torch' runner."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inp, out = folder / f"{name}_inputs.json", folder / f"{name}_outputs.json"
+    save_json([feeds], str(inp))
+    rr = RunResults()
+    rr.append(("torch", [IterationResult(outputs=outputs, runner_name="torch")]))
+    rr.save(str(out))
+    return {"inputs": str(inp), "outputs": str(out)}
+
+
+def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int | None = None,
+              thresholds: ParityThresholds | None = None, polygraphy_dir: Path | None = None,
+              sampling: SamplingParams = SamplingParams()) -> dict:
+    folder = Path(folder)
+    m = Manifest.read(folder)
+    th = thresholds or ParityThresholds.for_precision(m.precision)
+    ref = create_backend("torch", folder, m, threads)
+    ort = create_backend("onnxruntime", folder, m, threads)
+    pref, port = Pipeline(folder, ref, manifest=m), Pipeline(folder, ort, manifest=m)
+    pg_dir = polygraphy_dir or folder / "polygraphy"
+    report: dict = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "guided": m.guided,
+                    "thresholds": th.__dict__, "steps": []}
+
+    # 1. teacher-forced, pass by pass
+    labels = _labels(m, 0, m.batch)
+    pref.generate(labels, sampling, seed=seed, decode=False)  # fills ref's per-pass inputs and outputs
+    replay = {}
+    for st in pref.schedule.steps:
+        g = m.step_graph(st.index)
+        args = ref.step_args(st.index)
+        feeds = {t.name: a.detach().cpu().numpy() for t, a in zip(g.inputs, args)}
+        want = {t.name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
+                for t, o in zip(g.outputs, ref.outputs[st.index])}
+        got = ort.run_graph(g.name, feeds)
+        lw, lg = want["logits"], got["logits"].astype(np.float32)
+        kv = [k for k in want if k.startswith("present_")]
+        report["steps"].append({
+            "step": st.index, "new_positions": st.num_new, "cached": st.cached,
+            "logits_max_abs_error": float(np.abs(lw - lg).max()),
+            "logits_std": float(lw.std()),
+            "tokens_identical": float(np.mean(want["next_tokens"] == got["next_tokens"])),
+            "kv_max_abs_error": max(float(np.abs(want[k] - got[k].astype(np.float32)).max()) for k in kv),
+        })
+        outs = {t.name: o.detach().cpu().numpy() for t, o in zip(g.outputs, ref.outputs[st.index])}
+        replay[g.name] = _save_polygraphy(pg_dir, g.name, feeds, outs)
+
+    # 2. free-running generations under the same noise
+    agree = total = identical = 0
+    first_tokens = None
+    for start in range(0, images, m.batch):
+        n = min(m.batch, images - start)
+        lab = _labels(m, start, m.batch)
+        full = pref.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens
+        first_tokens = full if first_tokens is None else first_tokens
+        a = full[:n]
+        b = port.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens[:n]
+        agree += int((a == b).sum())
+        total += a.size
+        identical += int((a == b).all(axis=1).sum())
+    report["generation"] = {"images": images, "token_agreement": agree / max(total, 1), "identical_images": identical}
+
+    # 3. tokenizer graphs on the same inputs
+    ia = np.array(ref.decode(first_tokens))
+    ib = np.array(ort.decode(first_tokens))
+    report["decoder"] = {"max_abs_error": float(np.abs(ia - ib).max()), "psnr_db": psnr(ia, ib), "image_std": float(ia.std())}
+    replay["decoder"] = _save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia})
+    if "encoder" in m.graphs:
+        x = np.clip(ia, 0.0, 1.0).astype(np.float32)
+        ea, eb = np.asarray(ref.encode(x)), np.asarray(ort.encode(x))
+        report["encoder"] = {"ids_identical": float(np.mean(ea == eb))}
+    report["polygraphy"] = {
+        "dir": str(pg_dir),
+        "replay": {name: f"polygraphy run {folder / m.graphs[name].file} --onnxrt --load-inputs {f['inputs']} "
+                         f"--load-outputs {f['outputs']}" for name, f in replay.items()},
+    }
+
+    # verdict
+    checks = []
+    max_err = max(s["logits_max_abs_error"] for s in report["steps"])
+    if th.max_logit_error is not None:
+        checks.append(("teacher-forced logits max abs error", max_err, "<=", th.max_logit_error, max_err <= th.max_logit_error))
+    agreement = report["generation"]["token_agreement"]
+    if th.min_token_agreement is not None:
+        checks.append(("token agreement", agreement, ">=", th.min_token_agreement, agreement >= th.min_token_agreement))
+    p = report["decoder"]["psnr_db"]
+    if th.min_psnr is not None:
+        checks.append(("decoder PSNR dB", p, ">=", th.min_psnr, p >= th.min_psnr))
+    report["checks"] = [{"name": c[0], "value": c[1], "op": c[2], "threshold": c[3], "passed": bool(c[4])} for c in checks]
+    report["passed"] = all(c[4] for c in checks)
+    report["summary"] = (
+        f"{'PASS' if report['passed'] else 'FAIL'} ({m.precision}, batch {m.batch}): logits max abs error {max_err:.3g} "
+        f"(logits std {min(s['logits_std'] for s in report['steps']):.3g}), token agreement {agreement:.4f} over {images} "
+        f"images ({identical} identical), decoder PSNR {p:.1f} dB"
+    )
+    pref.close()
+    port.close()
+    return report

@@ -1,0 +1,169 @@
+"""ONNX Runtime backend: the embedded default (CPU), the parity stand-in for TensorRT.
+
+One InferenceSession per graph, all buffers allocated once and bound with IOBinding: step i's
+``next_tokens`` and ``present_*`` outputs are the very buffers bound as step i+1's ``tokens`` and
+``past_*`` inputs, so nothing is copied between passes. The weights of the nine step graphs live once
+in memory: the shared ``weights.bin`` is memory-mapped and handed to every session as its initializers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from restok.manifest import ArtifactError, Manifest
+from restok.runtime.backend import Backend
+
+_NP = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("onnxruntime is not installed: pip install onnxruntime") from e
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+        super().__init__(folder, manifest, threads)
+        ort = _ort()
+        self.ort = ort
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._shared = self._map_weights()
+        self.sessions = {}
+        for name, g in manifest.graphs.items():
+            self.sessions[name] = self._session(g.file)
+        m = manifest
+        self.num_steps = m.num_steps
+        # ---- buffers, allocated once
+        self.buf: dict[str, np.ndarray] = {}
+        self.vals: dict[str, object] = {}
+        B, R = m.batch, m.rows
+        self.labels = self._alloc("labels", (R,), np.int64)
+        self.noise = [self._alloc(f"noise{i}", m.step_graph(i).input("noise").shape, np.float32) for i in range(self.num_steps)]
+        self.cfg = [self._alloc(f"cfg{i}", (1,), np.float32) for i in range(self.num_steps)]
+        self.temperature = self._alloc("temperature", (1,), np.float32)
+        self.top_k = self._alloc("top_k", (1,), np.int64)
+        self.top_p = self._alloc("top_p", (1,), np.float32)
+        self.bindings = []
+        for i in range(self.num_steps):
+            g = m.step_graph(i)
+            outs = {t.name: self._alloc(f"s{i}.{t.name}", t.shape, _NP[t.dtype]) for t in g.outputs}
+            b = self.sessions[g.name].io_binding()
+            for t in g.inputs:
+                if t.name == "labels":
+                    src = "labels"
+                elif t.name == "tokens":
+                    src = f"s{i - 1}.next_tokens"
+                elif t.name.startswith("past_"):
+                    src = f"s{i - 1}.present_" + t.name[len("past_"):]
+                elif t.name == "noise":
+                    src = f"noise{i}"
+                elif t.name == "cfg_scale":
+                    src = f"cfg{i}"
+                else:
+                    src = t.name
+                have = self.buf[src]
+                if tuple(have.shape) != t.shape or have.dtype != _NP[t.dtype]:
+                    raise ArtifactError(
+                        f"step{i} input {t.name} {t.shape} {t.dtype} does not match {src} "
+                        f"{tuple(have.shape)} {have.dtype}; the artifacts are inconsistent, re-export them"
+                    )
+                b.bind_ortvalue_input(t.name, self.vals[src])
+            for name in outs:
+                b.bind_ortvalue_output(name, self.vals[f"s{i}.{name}"])
+            self.bindings.append(b)
+        # decoder / encoder
+        dec = m.graphs["decoder"]
+        self.dec_in = self._alloc("decoder.tokens", dec.input("tokens").shape, np.int64)
+        self.dec_out = self._alloc("decoder.images", dec.output("images").shape, np.float32)
+        self.dec_binding = self.sessions["decoder"].io_binding()
+        self.dec_binding.bind_ortvalue_input("tokens", self.vals["decoder.tokens"])
+        self.dec_binding.bind_ortvalue_output("images", self.vals["decoder.images"])
+
+    # ------------------------------------------------------------------ setup
+    def _alloc(self, key: str, shape, dtype) -> np.ndarray:
+        arr = np.zeros(tuple(shape), dtype=dtype)
+        self.buf[key] = arr
+        self.vals[key] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+        return arr
+
+    def _map_weights(self) -> dict[str, dict[str, object]]:
+        """{weights file: {tensor name: OrtValue over a read-only memory map}}."""
+        shared = {}
+        for rel, index in self.manifest.weights.items():
+            path = self.folder / rel
+            mm = np.memmap(path, dtype=np.uint8, mode="r")
+            vals = {}
+            for name, info in index.items():
+                dt = np.dtype(_NP[info["dtype"]])
+                n = int(np.prod(info["shape"], dtype=np.int64)) * dt.itemsize
+                off = int(info["offset"])
+                if off + n > mm.size:
+                    raise ArtifactError(f"{path} is shorter than the manifest says (tensor {name}); re-export the artifacts")
+                arr = mm[off : off + n].view(dt).reshape(info["shape"])
+                vals[name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+            shared[rel] = vals
+        return shared
+
+    def _session(self, rel: str):
+        ort = self.ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        folder = str(Path(rel).parent)
+        for wrel, vals in self._shared.items():
+            if str(Path(wrel).parent) == folder:
+                for name, v in vals.items():
+                    so.add_initializer(name, v)
+        path = self.folder / rel
+        try:
+            return ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as e:  # a damaged graph that passed the size check, or an unsupported op
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {e}") from e
+
+    # ------------------------------------------------------------------- run
+    def set_inputs(self, labels, noise, cfg_scales, temperature, top_k, top_p) -> None:
+        self.labels[...] = labels
+        for i, st in enumerate(self.manifest.har_schedule().steps):
+            self.noise[i][...] = noise[:, st.predicts[0] : st.predicts[-1] + 1]
+            self.cfg[i][0] = cfg_scales[i]
+        self.temperature[0], self.top_k[0], self.top_p[0] = temperature, top_k, top_p
+
+    def run_step(self, i: int) -> None:
+        self.sessions[f"step{i}"].run_with_iobinding(self.bindings[i])
+
+    def step_tokens(self, i: int) -> np.ndarray:
+        return self.buf[f"s{i}.next_tokens"]
+
+    def step_logits(self, i: int) -> np.ndarray:
+        return self.buf[f"s{i}.logits"]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        self.dec_in[...] = tokens
+        self.sessions["decoder"].run_with_iobinding(self.dec_binding)
+        return self.dec_out
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        if "encoder" not in self.sessions:
+            return super().encode(images)
+        out = self.sessions["encoder"].run(["tokens"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return out[0]
+
+    def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph on explicit inputs (parity checks feed recorded inputs step by step)."""
+        sess = self.sessions[name]
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+
+    def close(self) -> None:
+        self.bindings.clear()
+        self.sessions.clear()

@@ -44,7 +44,10 @@ def _stats(x: list[float]) -> dict:
 
 
 def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: int = 1, threads: int | None = None,
-              sampling: SamplingParams = SamplingParams(), seed: int = 0) -> dict:
+              sampling: SamplingParams = SamplingParams(), seed: int = 0, low_memory: bool = False,
+              gap: float = 0.5) -> dict:
+    """``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
+    that just ran (OpenMP spins for a while after each op by default) are asleep when the next one starts."""
     folder = Path(folder)
     m = Manifest.read(folder)
     labels = [i % m.num_classes for i in range(m.batch)]
@@ -52,12 +55,13 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
     for name in backends:
         before = rss_mb()
         t0 = time.perf_counter()
-        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m)
+        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, low_memory=low_memory)
         info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
     samples = {n: {"steps": [], "decode": [], "e2e": []} for n in backends}
     tokens = {}
     for r in range(warmup + runs):
         for name, p in pipes.items():
+            time.sleep(gap)
             t0 = time.perf_counter()
             g = p.generate(labels, sampling, seed=seed)
             e2e = time.perf_counter() - t0
@@ -68,7 +72,9 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
                 s["decode"].append(g.decode_seconds)
                 s["e2e"].append(e2e)
     out = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "runs": runs, "warmup": warmup,
-           "threads": threads or os.cpu_count(), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+           "low_memory": low_memory,
+           "threads": threads or os.cpu_count(), "gap_seconds": gap,
+           "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
            "backends": {}}
     for name, s in samples.items():
         steps = np.asarray(s["steps"])

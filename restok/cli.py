@@ -90,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (the reference)")
     gen.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    gen.add_argument("--low-memory", action="store_true", help="onnxruntime: share one copy of the weights across "
+                     "passes instead of pre-packing them per pass (much less RAM, slower)")
     _add_sampling_args(gen)
     gen.add_argument("--out", required=True, metavar="DIR", help="output folder")
     gen.add_argument("--json", action="store_true", help="print the JSON summary on stdout")
@@ -106,6 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--images", type=int, default=16, help="images for the token-agreement check (default 16)")
     chk.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     chk.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    chk.add_argument("--low-memory", action="store_true", help="onnxruntime: one shared copy of the weights (less RAM, slower)")
     chk.add_argument("--max-logit-error", type=float, default=None, help="fail above this max abs logits error "
                      "(default 1e-3 for fp32, report only for fp16)")
     chk.add_argument("--min-token-agreement", type=float, default=None, help="fail below this fraction (default 1.0 for fp32)")
@@ -124,6 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=5, help="timed runs per backend (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("--low-memory", action="store_true", help="onnxruntime: one shared copy of the weights (less RAM, slower)")
     b.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
     b.set_defaults(func=cmd_bench)
     return parser
@@ -268,7 +272,7 @@ def cmd_generate(args) -> dict:
 
     sampling = _sampling(args)
     folder = _artifacts(args)
-    pipe = Pipeline(folder, backend=args.backend, threads=args.threads)
+    pipe = Pipeline(folder, backend=args.backend, threads=args.threads, low_memory=args.low_memory)
     m = pipe.manifest
     classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
     bad = [c for c in classes if not 0 <= c < m.num_classes]
@@ -316,7 +320,8 @@ def cmd_check(args) -> dict:
     th = ParityThresholds.for_precision_of(folder)
     th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
-                       polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else None)
+                       polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else None,
+                       low_memory=args.low_memory)
     _write_json(report, args.json)
     print(report["summary"], file=sys.stderr)
     return {"_exit": 0 if report["passed"] else EXIT_FAIL, **({"report": report} if args.json == "-" else {})}
@@ -329,7 +334,8 @@ def cmd_bench(args) -> dict:
         raise CLIError("--runs must be >= 1 and --warmup >= 0")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     folders = [Path(a) for a in args.artifacts] if args.artifacts else [_artifacts(args)]
-    results = [run_bench(f, backends, runs=args.runs, warmup=args.warmup, threads=args.threads) for f in folders]
+    results = [run_bench(f, backends, runs=args.runs, warmup=args.warmup, threads=args.threads, low_memory=args.low_memory)
+               for f in folders]
     doc = {"results": results}
     _write_json(doc, args.json)
     print(format_table(results), file=sys.stderr if args.json == "-" else sys.stdout)

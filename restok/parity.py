@@ -1,4 +1,7 @@
-"""``restok check``: PyTorch vs ONNX Runtime on the same artifacts, step by step (parity ladder rung 2/3).
+"""``restok check``: the float32 PyTorch reference vs ONNX Runtime on the same artifacts, step by step.
+
+For fp32 artifacts this is implementation parity (ladder rung 2, gated); for fp16 artifacts it measures
+what the lower precision costs (rung 3, reported; thresholds optional).
 
 1. Teacher-forced per step: the PyTorch modules run one generation; every pass's recorded inputs are fed
    to the matching ONNX graph, and logits, sampled tokens and KV caches are compared.
@@ -57,7 +60,9 @@ def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dic
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # no "[I] Saving ..." line per file
     folder.mkdir(parents=True, exist_ok=True)
     inp, out = folder / f"{name}_inputs.json", folder / f"{name}_outputs.json"
     save_json([feeds], str(inp))
@@ -69,12 +74,12 @@ def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dic
 
 def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int | None = None,
               thresholds: ParityThresholds | None = None, polygraphy_dir: Path | None = None,
-              sampling: SamplingParams = SamplingParams()) -> dict:
+              sampling: SamplingParams = SamplingParams(), low_memory: bool = False) -> dict:
     folder = Path(folder)
     m = Manifest.read(folder)
     th = thresholds or ParityThresholds.for_precision(m.precision)
     ref = create_backend("torch", folder, m, threads)
-    ort = create_backend("onnxruntime", folder, m, threads)
+    ort = create_backend("onnxruntime", folder, m, threads, low_memory=low_memory)
     pref, port = Pipeline(folder, ref, manifest=m), Pipeline(folder, ort, manifest=m)
     pg_dir = polygraphy_dir or folder / "polygraphy"
     report: dict = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "guided": m.guided,
@@ -87,7 +92,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     for st in pref.schedule.steps:
         g = m.step_graph(st.index)
         args = ref.step_args(st.index)
-        feeds = {t.name: a.detach().cpu().numpy() for t, a in zip(g.inputs, args)}
+        feeds = {t.name: a.detach().cpu().numpy().astype(t.dtype, copy=False) for t, a in zip(g.inputs, args)}
         want = {t.name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
                 for t, o in zip(g.outputs, ref.outputs[st.index])}
         got = ort.run_graph(g.name, feeds)

@@ -143,8 +143,8 @@ def test_bad_generate_input(tiny_generator, kwargs, match):
 
 def test_bad_teacher_forcing_input(tiny_generator):
     gen = tiny_generator
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4096\)"):
-        gen(torch.full((1, 128), 4096), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 1024\)"):
+        gen(torch.full((1, 128), 1024), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\[B, 128\]"):
         gen(torch.zeros(1, 100, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(ValueError, match="class labels"):

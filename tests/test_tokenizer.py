@@ -52,7 +52,7 @@ def test_bad_input(tiny_tokenizer):
         tok.encode(torch.rand(1, 3, 256, 256))
     with pytest.raises(ValueError, match="floating point"):
         tok.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4096\)"):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 1024\)"):
         tok.decode(torch.full((1, 128), 5000))
     with pytest.raises(ValueError, match=r"\[B, 128\]"):
         tok.decode(torch.zeros(1, 64, dtype=torch.long))

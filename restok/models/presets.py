@@ -21,7 +21,7 @@ class Preset:
 
 
 _TINY_TOKENIZER = dict(
-    image_size=64, codebook_size=4096, enc_width=64, enc_layers=4, enc_heads=2, dec_width=64, dec_layers=4,
+    image_size=64, codebook_size=1024, enc_width=64, enc_layers=4, enc_heads=2, dec_width=64, dec_layers=4,
     dec_heads=2, cnn_hidden=32, cnn_channel_mult=(1, 2, 2),
 )
 
@@ -30,7 +30,7 @@ PRESETS: dict[str, Preset] = {
     "B": Preset(TokenizerConfig(), GeneratorConfig(dim=768, n_layer=12, n_head=12)),
     "tiny": Preset(
         TokenizerConfig(**_TINY_TOKENIZER),
-        GeneratorConfig(dim=128, n_layer=4, n_head=4, vocab_size=4096, num_classes=10),
+        GeneratorConfig(dim=128, n_layer=4, n_head=4, vocab_size=1024, num_classes=10),
     ),
 }
 

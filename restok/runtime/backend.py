@@ -68,7 +68,8 @@ def backend_names() -> list[str]:
     return list(BACKENDS)
 
 
-def create_backend(name: str, folder: Path, manifest: Manifest, threads: int | None = None) -> Backend:
+def create_backend(name: str, folder: Path, manifest: Manifest, threads: int | None = None, **options) -> Backend:
+    """``options`` go to the backend (onnxruntime: low_memory)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
@@ -76,4 +77,4 @@ def create_backend(name: str, folder: Path, manifest: Manifest, threads: int | N
         mod = import_module(module)
     except ImportError as e:
         raise ImportError(f"the {name} backend is not available here: {e}") from e
-    return getattr(mod, cls)(folder, manifest, threads)
+    return getattr(mod, cls)(folder, manifest, threads, **options)

@@ -2,8 +2,12 @@
 
 One InferenceSession per graph, all buffers allocated once and bound with IOBinding: step i's
 ``next_tokens`` and ``present_*`` outputs are the very buffers bound as step i+1's ``tokens`` and
-``past_*`` inputs, so nothing is copied between passes. The weights of the nine step graphs live once
-in memory: the shared ``weights.bin`` is memory-mapped and handed to every session as its initializers.
+``past_*`` inputs, so nothing is copied between passes.
+
+Memory: by default each session pre-packs its weights for ONNX Runtime's GEMM kernels (fast, but one
+copy per pass: about 1.2 GB per pass for fp32 GPT-L). ``low_memory=True`` instead memory-maps the shared
+``weights.bin`` once and hands it to every session without pre-packing: a few MB per session, measured
+about 2-3x slower on the small passes (ONNX Runtime then packs the weights at every call).
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ def _ort():
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, low_memory: bool = False,
+                 providers: list[str] | None = None):
         super().__init__(folder, manifest, threads)
         ort = _ort()
         self.ort = ort
         self.providers = providers or ["CPUExecutionProvider"]
-        self._shared = self._map_weights()
+        self.low_memory = low_memory
+        self._shared = self._map_weights() if low_memory else {}
         self.sessions = {}
         for name, g in manifest.graphs.items():
             self.sessions[name] = self._session(g.file)
@@ -118,7 +124,11 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = self.threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1
+        # passes alternate between sessions: a finished session's spinning threads would steal the cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
+        if self.low_memory:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         folder = str(Path(rel).parent)
         for wrel, vals in self._shared.items():
             if str(Path(wrel).parent) == folder:

@@ -55,12 +55,12 @@ class Pipeline:
     """Generate images from an artifacts folder with one backend (ONNX Runtime by default)."""
 
     def __init__(self, artifacts: str | Path, backend: str | Backend = "onnxruntime", threads: int | None = None,
-                 manifest: Manifest | None = None):
+                 manifest: Manifest | None = None, **backend_options):
         self.folder = Path(artifacts)
         self.manifest = manifest or Manifest.read(self.folder)
         self.schedule = self.manifest.har_schedule()
         self.backend: Backend = (backend if isinstance(backend, Backend)
-                                 else create_backend(backend, self.folder, self.manifest, threads))
+                                 else create_backend(backend, self.folder, self.manifest, threads, **backend_options))
 
     @property
     def batch(self) -> int:

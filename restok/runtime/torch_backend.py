@@ -2,8 +2,8 @@
 
 It rebuilds the models an export came from (``manifest.source``: a preset with seeded weights, or
 checkpoints), refuses them if their weights hash differs from the one the export recorded, and runs the
-very modules that were exported (``restok.export.modules``), so every other backend is compared with
-the same computation.
+very modules that were exported (``restok.export.modules``) in float32 whatever the artifacts'
+precision: it is the reference that fp32 graphs must match and that fp16 graphs are measured against.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def load_source_models(manifest: Manifest, device: str = "cpu"):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, device: str = "cpu", **_):
         super().__init__(folder, manifest, threads)
         import torch
 
@@ -55,9 +55,8 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
         tok, gen = load_source_models(manifest, device)
-        self.tok, self.gen = tok.to(dtype).eval(), gen.to(dtype).eval()
+        self.tok, self.gen = tok.float().eval(), gen.float().eval()
         sched = self.gen.schedule
         self.steps = [GeneratorStepGraph(self.gen, sched, i, manifest.guided) for i in range(sched.num_steps)]
         self.decoder = DecoderGraph(self.tok)

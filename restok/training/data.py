@@ -1,0 +1,288 @@
+"""Datasets and a deterministic, resumable, rank-sharded batcher.
+
+Images are float32 [3, S, S] in [0, 1] (what the tokenizer takes). Every random choice a sample needs
+(crop, flip, which stored crop of a code, nested-dropout length, class dropout) comes from a generator
+seeded by (seed, step, position in the global batch), never from a process-wide RNG: a run resumed from
+a checkpoint, or split over several processes, sees exactly the same samples and choices.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def sample_rng(seed: int, step: int, position: int, salt: int = 0) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(step), int(position), int(salt)])
+
+
+# --------------------------------------------------------------------------------- transforms
+
+
+def _pil_to_array(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def resize_center_crop(img, size: int):
+    """Eval transform: shorter side to ``size`` (bicubic), then the centre square."""
+    from PIL import Image
+
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(img, size: int, rng: np.random.Generator, max_scale: float = 1.25, flip: bool = True):
+    """Train transform (official random_crop_arr): shorter side to a random length in
+    [size, max_scale * size], a random size x size crop, a random horizontal flip."""
+    from PIL import Image
+
+    short = int(rng.integers(size, int(size * max_scale) + 1))
+    w, h = img.size
+    s = short / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    img = img.crop((left, top, left + size, top + size))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+def crops_for_codes(img, size: int, mode: str, flip: bool = True) -> list:
+    """Crops tokenized per image by extract-codes: 'ten' = 4 corners + centre of a 1.1x resize (and their
+    flips); 'center' = the centre crop (and its flip). Flips are left out with ``flip=False``."""
+    from PIL import Image
+
+    if mode == "center":
+        base = [resize_center_crop(img, size)]
+    elif mode == "ten":
+        big = resize_center_crop(img, int(round(size * 1.1)))
+        W = big.size[0]
+        offs = [(0, 0), (W - size, 0), (0, W - size), (W - size, W - size), ((W - size) // 2, (W - size) // 2)]
+        base = [big.crop((x, y, x + size, y + size)) for x, y in offs]
+    else:
+        raise ValueError(f"crop mode must be 'ten' or 'center', got {mode!r}")
+    return base + ([c.transpose(Image.FLIP_LEFT_RIGHT) for c in base] if flip else [])
+
+
+# ---------------------------------------------------------------------------------- datasets
+
+
+class DigitsDataset:
+    """The 1,797 8x8 digits that ship with scikit-learn, upscaled (bilinear) to S x S, dark ink on white.
+
+    Offline and small: the demo dataset. ``split``: 'train' (all but the last ``holdout``), 'test' (the
+    last ``holdout``) or 'all'."""
+
+    num_classes = 10
+
+    def __init__(self, image_size: int = 64, split: str = "train", holdout: int = 297):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
+        d = load_digits()
+        x, y = d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+        if split == "train":
+            x, y = x[:-holdout], y[:-holdout]
+        elif split == "test":
+            x, y = x[-holdout:], y[-holdout:]
+        elif split != "all":
+            raise ValueError(f"split must be train, test or all, got {split!r}")
+        self.raw, self.labels, self.image_size = x, y, image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, i: int):
+        from PIL import Image
+
+        g = Image.fromarray(((1.0 - self.raw[i]) * 255).round().astype(np.uint8), mode="L")
+        return g.resize((self.image_size, self.image_size), Image.BILINEAR).convert("RGB")
+
+    def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+        return _pil_to_array(self.pil(i)), int(self.labels[i])
+
+
+class ImageFolderDataset:
+    """root/<class name>/<image>: classes in sorted order. Random resized crops and flips when ``train``."""
+
+    def __init__(self, root: str | Path, image_size: int, train: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise ValueError(f"{root} has no class subfolders (expected root/<class>/<image>)")
+        self.items = [(p, c) for c, name in enumerate(self.classes)
+                      for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        if not self.items:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        self.num_classes = len(self.classes)
+        self.image_size, self.train = image_size, train
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pil(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.items[i][0]) as im:
+            return im.convert("RGB")
+
+    def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+        img = self.pil(i)
+        if self.train and rng is not None:
+            img = random_resized_crop(img, self.image_size, rng)
+        else:
+            img = resize_center_crop(img, self.image_size)
+        return _pil_to_array(img), self.items[i][1]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'shard-{0000..0003}.tar' -> the four names (webdataset's brace notation)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = m.group(1), m.group(2)
+    return [n for i in range(int(a), int(b) + 1)
+            for n in expand_braces(pattern[: m.start()] + str(i).zfill(len(a)) + pattern[m.end():])]
+
+
+class WebDatasetShards:
+    """Webdataset tar shards (samples grouped by basename: an image member and a .cls label), indexed once
+    so that samples can be read in any order."""
+
+    def __init__(self, pattern: str, image_size: int, train: bool = True):
+        self.paths = [Path(p) for p in expand_braces(pattern)]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"webdataset shards not found: {', '.join(missing[:5])}")
+        self.index: list[tuple[int, tarfile.TarInfo, int]] = []
+        for si, p in enumerate(self.paths):
+            with tarfile.open(p) as tf:
+                groups: dict[str, dict] = {}
+                for mem in tf.getmembers():
+                    if not mem.isfile():
+                        continue
+                    key, _, ext = mem.name.partition(".")
+                    groups.setdefault(key, {})[ext.lower()] = mem
+                for key, g in groups.items():
+                    img = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
+                    if img is None or "cls" not in g:
+                        continue
+                    label = int(tf.extractfile(g["cls"]).read().decode().strip())
+                    self.index.append((si, img, label))
+        if not self.index:
+            raise ValueError(f"no (image, cls) samples in {pattern}")
+        self.num_classes = max(lbl for _, _, lbl in self.index) + 1
+        self.image_size, self.train = image_size, train
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def pil(self, i: int):
+        from PIL import Image
+
+        si, mem, _ = self.index[i]
+        with tarfile.open(self.paths[si]) as tf:
+            data = tf.extractfile(mem).read()
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+        img = self.pil(i)
+        img = random_resized_crop(img, self.image_size, rng) if self.train and rng is not None else resize_center_crop(img, self.image_size)
+        return _pil_to_array(img), self.index[i][2]
+
+
+class CodesDataset:
+    """Token ids written by ``restok extract-codes``: each item is one of its stored crops (chosen per
+    sample) and its label."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        idx = folder / "index.json"
+        if not idx.is_file():
+            raise FileNotFoundError(f"{idx} not found: run restok extract-codes --out {folder} first")
+        self.meta = json.loads(idx.read_text())
+        codes, labels = [], []
+        for sh in self.meta["shards"]:
+            with np.load(folder / sh["file"]) as z:
+                codes.append(z["codes"])
+                labels.append(z["labels"])
+        self.codes = np.concatenate(codes)
+        self.labels = np.concatenate(labels)
+        self.num_classes = int(self.meta.get("num_classes", int(self.labels.max()) + 1))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+        crops = self.codes[i]
+        c = int(rng.integers(len(crops))) if rng is not None else 0
+        return crops[c].astype(np.int64), int(self.labels[i])
+
+
+def open_dataset(spec: str, image_size: int, train: bool = True):
+    """'digits' | 'digits:test' | 'folder:PATH' | 'wds:PATTERN' | a folder path."""
+    if spec in ("digits", "digits:train"):
+        return DigitsDataset(image_size, "train")
+    if spec in ("digits:test", "digits:all"):
+        return DigitsDataset(image_size, spec.split(":")[1])
+    if spec.startswith("wds:"):
+        return WebDatasetShards(spec[4:], image_size, train)
+    if spec.startswith("folder:"):
+        spec = spec[7:]
+    return ImageFolderDataset(spec, image_size, train)
+
+
+# ----------------------------------------------------------------------------------- batching
+
+
+class Batcher:
+    """Batches of a global size, in a per-epoch seeded order, split across ranks.
+
+    ``batch(step)`` gives this rank's items for the global step ``step``: the order does not depend on
+    the number of processes, and a resumed run continues exactly where it stopped."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, rank: int = 0, world: int = 1, workers: int = 0):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        if len(dataset) < global_batch:
+            raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of {global_batch}")
+        self.ds, self.G, self.seed, self.rank, self.world = dataset, global_batch, seed, rank, world
+        self.per_epoch = len(dataset) // global_batch
+        self._orders: dict[int, np.ndarray] = {}
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))}
+        return self._orders[epoch]
+
+    def positions(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, global positions) of this rank's share of global batch ``step``."""
+        epoch, k = divmod(step, self.per_epoch)
+        idx = self.order(epoch)[k * self.G : (k + 1) * self.G]
+        per = self.G // self.world
+        sl = slice(self.rank * per, (self.rank + 1) * per)
+        return idx[sl], np.arange(self.G)[sl]
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (stacked items, labels int64, global positions)."""
+        idx, pos = self.positions(step)
+        work = lambda ip: self.ds.get(int(ip[0]), sample_rng(self.seed, step, int(ip[1])))  # noqa: E731
+        items = list(self.pool.map(work, zip(idx, pos))) if self.pool else [work(ip) for ip in zip(idx, pos)]
+        return np.stack([x for x, _ in items]), np.asarray([y for _, y in items], dtype=np.int64), pos

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev bundled-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# Retrain the bundled tiny model on the scikit-learn digits (about 30 minutes on 2 CPU cores).
+bundled-model: install-dev
+	$(PY) -m restok.training.bundled --out restok/assets/tiny --work runs/bundled
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -45,7 +45,7 @@ def _stats(x: list[float]) -> dict:
 
 def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: int = 1, threads: int | None = None,
               sampling: SamplingParams = SamplingParams(), seed: int = 0, low_memory: bool = False,
-              gap: float = 0.5) -> dict:
+              gap: float = 0.5, device: str = "cpu") -> dict:
     """``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
     that just ran (OpenMP spins for a while after each op by default) are asleep when the next one starts."""
     folder = Path(folder)
@@ -55,7 +55,7 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
     for name in backends:
         before = rss_mb()
         t0 = time.perf_counter()
-        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, low_memory=low_memory)
+        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, low_memory=low_memory, device=device)
         info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
     samples = {n: {"steps": [], "decode": [], "e2e": []} for n in backends}
     tokens = {}

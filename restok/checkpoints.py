@@ -373,6 +373,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
     tmp = staging_dir(path)
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
+        os.chmod(tmp / WEIGHTS_NAME, 0o644)
         doc = {"restok_format": FORMAT_VERSION, "kind": kind, "config": cfg, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
         replace_dir(tmp, path)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restok.engines.builder import EngineError
 from restok.schedule import CFG_SCHEDULES
 
 EXIT_FAIL, EXIT_USAGE = 1, 2
@@ -88,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                      "grid.png, tokens.npy and summary.json (timings per step and for decoding).")
     _add_artifacts_arg(gen)
     _add_model_args(gen)
-    gen.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch (the reference)")
+    gen.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
+                     help="onnxruntime (default, CPU), tensorrt (GPU; restok build first) or torch (the reference)")
+    gen.add_argument("--device", default="cpu", help="torch backend device (default cpu)")
     gen.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     gen.add_argument("--low-memory", action="store_true", help="onnxruntime: share one copy of the weights across "
                      "passes instead of pre-packing them per pass (much less RAM, slower)")
@@ -97,14 +100,18 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the JSON summary on stdout")
     gen.set_defaults(func=cmd_generate)
 
-    chk = sub.add_parser("check", help="PyTorch vs ONNX Runtime parity, step by step, and Polygraphy reference files",
-                         description="Compare the exported graphs on ONNX Runtime with the PyTorch modules they came "
-                                     "from: teacher-forced logits per step, sampled tokens over whole generations "
+    chk = sub.add_parser("check", help="PyTorch vs ONNX Runtime (or TensorRT) parity, step by step; Polygraphy files",
+                         description="Compare the exported graphs on ONNX Runtime (or TensorRT engines) with the "
+                                     "float32 PyTorch modules they came from: teacher-forced logits per step, "
+                                     "sampled tokens over whole generations "
                                      "under the same noise, decoder error and PSNR. Writes Polygraphy input and "
                                      "reference-output files for replay (polygraphy run ... --load-inputs "
                                      "--load-outputs). Exits 1 when a check fails.")
     _add_artifacts_arg(chk)
     _add_model_args(chk)
+    chk.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                     help="the backend checked against the PyTorch reference (default onnxruntime)")
+    chk.add_argument("--device", default="cpu", help="torch device of the reference (default cpu; cuda on GPU machines)")
     chk.add_argument("--images", type=int, default=16, help="images for the token-agreement check (default 16)")
     chk.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     chk.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -123,13 +130,85 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "ratio between backends.")
     b.add_argument("--artifacts", metavar="DIR", action="append", help="export folder(s); repeat for several batch sizes")
     _add_model_args(b)
-    b.add_argument("--backends", default="onnxruntime,torch", help="comma-separated (default onnxruntime,torch)")
+    b.add_argument("--backends", default="onnxruntime,torch",
+                   help="comma-separated from onnxruntime, tensorrt, torch (default onnxruntime,torch)")
+    b.add_argument("--device", default="cpu", help="torch backend device (default cpu; cuda to compare on a GPU)")
     b.add_argument("--runs", type=int, default=5, help="timed runs per backend (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("--low-memory", action="store_true", help="onnxruntime: one shared copy of the weights (less RAM, slower)")
     b.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for stdout)")
     b.set_defaults(func=cmd_bench)
+    bd = sub.add_parser("build", help="TensorRT engines for an export (GPU machine with TensorRT)",
+                        description="Build one TensorRT engine per graph of an export, cached under "
+                                    "ARTIFACTS/engines/<TensorRT version>/<GPU>/ and keyed by the ONNX hashes, "
+                                    "precision, batch, TensorRT version and GPU; a mismatch is refused with what to "
+                                    "rebuild. Precision comes from the graphs (strongly typed networks).")
+    bd.add_argument("--artifacts", required=True, metavar="DIR", help="an export (restok export or calibrate)")
+    bd.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "fp8", "int8-weight-only"),
+                    help="assert the artifacts' precision (export --precision fp16; calibrate for int8/fp8)")
+    bd.add_argument("--batch", type=int, nargs="+", help="assert the artifacts' batch")
+    bd.add_argument("--workspace", type=float, default=8.0, metavar="GB", help="builder workspace limit (default 8)")
+    bd.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    bd.add_argument("--timing-cache", metavar="PATH", default="", help="timing cache (default ARTIFACTS/engines/timing.cache)")
+    bd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    bd.set_defaults(func=cmd_build)
+
+    cal = sub.add_parser("calibrate", help="INT8 / FP8 / weight-only INT8 Q/DQ artifacts with a quality gate",
+                         description="Calibrate on FP32 generation traces, write Q/DQ versions of every step graph "
+                                     "and of the tokenizer decoder as a new artifacts folder, and gate it on ONNX "
+                                     "Runtime against the FP32 artifacts (token agreement, decoded PSNR). A failed "
+                                     "gate writes nothing and exits 1.")
+    cal.add_argument("--artifacts", required=True, metavar="DIR", help="FP32 artifacts (restok export)")
+    cal.add_argument("--precision", required=True, choices=("int8", "fp8", "int8-weight-only"),
+                     help="int8 (W8A8), fp8 (E4M3 W8A8) or int8-weight-only")
+    cal.add_argument("--samples", type=int, default=32, help="calibration generations (default 32)")
+    cal.add_argument("--classes", type=int, nargs="+", help="calibration class ids (default: all, cycled)")
+    cal.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (kept in FP32 by default)")
+    cal.add_argument("--no-decoder", action="store_true", help="keep the tokenizer decoder in FP32")
+    cal.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in FP32 (repeatable)")
+    cal.add_argument("--exclude-op", action="append", default=[], choices=("MatMul", "Gemm", "Conv"),
+                     help="keep every node of this op type in FP32 (repeatable)")
+    cal.add_argument("--gate-images", type=int, default=64, help="images for the quality gate (default 64)")
+    cal.add_argument("--min-token-agreement", type=float, default=0.9, help="gate: sampled tokens equal to FP32 (default 0.9)")
+    cal.add_argument("--min-psnr", type=float, default=30.0, help="gate: decoded-image PSNR vs FP32 in dB (default 30)")
+    cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    cal.add_argument("--out", required=True, metavar="DIR", help="the new artifacts folder")
+    cal.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
+    cal.set_defaults(func=cmd_calibrate)
+
+    tr = sub.add_parser("train", help="train a tokenizer or a generator (single process or under torchrun)",
+                        description="Train with a JSON config plus key=value overrides. Run under torchrun for "
+                                    "several processes (DDP; FSDP on GPUs with fsdp=true). --resume continues "
+                                    "from the last checkpoint in the config's out folder, exactly.")
+    tr.add_argument("what", choices=("tokenizer", "generator"), help="which model")
+    tr.add_argument("--config", metavar="JSON", help="a config file (fields: see restok/training/train_*.py)")
+    tr.add_argument("--resume", action="store_true", help="continue from out/checkpoints/latest")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=2000 lr=3e-4")
+    tr.set_defaults(func=cmd_train)
+
+    xc = sub.add_parser("extract-codes", help="tokenize a dataset once, in resumable shards, for generator training")
+    xc.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint")
+    xc.add_argument("--preset", default="L", help="architecture for a bare state dict (default L)")
+    xc.add_argument("--data", required=True, help="digits | folder:PATH | wds:PATTERN")
+    xc.add_argument("--out", required=True, metavar="DIR", help="output folder (resumes if it holds a partial run)")
+    xc.add_argument("--crops", choices=("ten", "center"), default="ten", help="ten crops (default) or the centre crop")
+    xc.add_argument("--no-flip", action="store_true", help="leave out the flipped crops (e.g. for digits)")
+    xc.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
+    xc.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    xc.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    xc.set_defaults(func=cmd_extract_codes)
+
+    ev = sub.add_parser("evaluate", help="tokenizer reconstruction metrics, or digit class accuracy of generations")
+    ev.add_argument("what", choices=("tokenizer", "digits"), help="tokenizer: PSNR, codebook usage/entropy; "
+                    "digits: how often generated digits are classified as requested")
+    ev.add_argument("--data", default="digits:test", help="evaluation images (default digits:test)")
+    _add_artifacts_arg(ev)
+    _add_model_args(ev, export_opts=False)
+    ev.add_argument("--per-class", type=int, default=10, help="generated images per class (default 10)")
+    _add_sampling_args(ev)
+    ev.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -272,7 +351,7 @@ def cmd_generate(args) -> dict:
 
     sampling = _sampling(args)
     folder = _artifacts(args)
-    pipe = Pipeline(folder, backend=args.backend, threads=args.threads, low_memory=args.low_memory)
+    pipe = Pipeline(folder, backend=args.backend, threads=args.threads, low_memory=args.low_memory, device=args.device)
     m = pipe.manifest
     classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
     bad = [c for c in classes if not 0 <= c < m.num_classes]
@@ -316,12 +395,14 @@ def cmd_generate(args) -> dict:
 def cmd_check(args) -> dict:
     from restok.parity import ParityThresholds, run_check
 
+    from restok.manifest import Manifest
+
     folder = _artifacts(args)
-    th = ParityThresholds.for_precision_of(folder)
+    th = ParityThresholds.for_backend(args.backend, Manifest.read(folder).precision)
     th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
                        polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else None,
-                       low_memory=args.low_memory)
+                       low_memory=args.low_memory, backend=args.backend, device=args.device)
     _write_json(report, args.json)
     print(report["summary"], file=sys.stderr)
     return {"_exit": 0 if report["passed"] else EXIT_FAIL, **({"report": report} if args.json == "-" else {})}
@@ -334,11 +415,119 @@ def cmd_bench(args) -> dict:
         raise CLIError("--runs must be >= 1 and --warmup >= 0")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     folders = [Path(a) for a in args.artifacts] if args.artifacts else [_artifacts(args)]
-    results = [run_bench(f, backends, runs=args.runs, warmup=args.warmup, threads=args.threads, low_memory=args.low_memory)
-               for f in folders]
+    from restok.runtime.backend import backend_names
+
+    unknown = [b for b in backends if b not in backend_names()]
+    if unknown:
+        raise CLIError(f"unknown backends {unknown}; choose from {', '.join(backend_names())}")
+    results = [run_bench(f, backends, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         low_memory=args.low_memory, device=args.device) for f in folders]
     doc = {"results": results}
     _write_json(doc, args.json)
     print(format_table(results), file=sys.stderr if args.json == "-" else sys.stdout)
+    return {}
+
+
+def cmd_build(args) -> dict:
+    from restok.engines.builder import BuildOptions, EngineError, build_engines
+    from restok.manifest import Manifest
+
+    m = Manifest.read(args.artifacts)
+    if args.precision and args.precision != m.precision:
+        how = "restok calibrate --precision" if args.precision in ("int8", "fp8", "int8-weight-only") else "restok export --precision"
+        if args.precision == "bf16":
+            raise CLIError("bf16 graphs are not exported yet; use fp16 (or fp32)")
+        raise CLIError(f"{args.artifacts} holds {m.precision} graphs, not {args.precision}; make them with {how} {args.precision}")
+    if args.batch and any(b != m.batch for b in args.batch):
+        raise CLIError(f"{args.artifacts} was exported for batch {m.batch}; export one folder per batch size "
+                       f"(restok export --batch N) and build each")
+    opts = BuildOptions(workspace_gb=args.workspace, opt_level=args.opt_level, timing_cache=args.timing_cache)
+    try:
+        opts.validate()
+        d = build_engines(args.artifacts, opts)
+    except EngineError as e:
+        raise CLIError(str(e)) from e
+    if not args.json:
+        print(f"engines in {d}")
+    return {"engines": str(d)}
+
+
+def cmd_calibrate(args) -> dict:
+    from restok.calibration import CalibrationOptions, calibrate
+
+    opts = CalibrationOptions(
+        precision=args.precision, samples=args.samples, classes=tuple(args.classes or ()),
+        quantize_head=args.quantize_head, quantize_decoder=not args.no_decoder,
+        exclude_nodes=tuple(args.exclude_node), exclude_ops=tuple(args.exclude_op), gate_images=args.gate_images,
+        min_token_agreement=args.min_token_agreement, min_psnr=args.min_psnr,
+    )
+    report = calibrate(args.artifacts, args.out, opts, threads=args.threads,
+                       report_path=args.json if args.json and args.json != "-" else None)
+    if args.json == "-":
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    q = report["quality"]
+    verdict = "PASS" if report["passed"] else "FAIL (nothing written)"
+    print(f"{verdict} {args.precision}: token agreement {q['token_agreement']:.4f} over {q['images']} images "
+          f"(gate {args.min_token_agreement}), decoder PSNR {q['decoder_psnr_db']:.1f} dB (gate {args.min_psnr}), "
+          f"max logits error {max(s['logits_max_abs_error'] for s in q['steps']):.3g}", file=sys.stderr)
+    return {"_exit": 0 if report["passed"] else EXIT_FAIL}
+
+
+def cmd_train(args) -> dict:
+    from restok.training.common import load_config
+
+    if args.what == "tokenizer":
+        from restok.training.train_tokenizer import TokenizerTrainConfig as Cfg
+        from restok.training.train_tokenizer import train_tokenizer as run
+    else:
+        from restok.training.train_generator import GeneratorTrainConfig as Cfg
+        from restok.training.train_generator import train_generator as run
+    cfg = load_config(Cfg, args.config, args.overrides)
+    out = run(cfg, resume=args.resume)
+    print(f"trained {args.what}: {out}/checkpoints/latest", file=sys.stderr)
+    return {}
+
+
+def cmd_extract_codes(args) -> dict:
+    from restok.checkpoints import load_tokenizer
+    from restok.training.codes import extract_codes
+    from restok.training.data import open_dataset
+
+    tok = load_tokenizer(args.tokenizer, args.preset)
+    data = open_dataset(args.data, tok.cfg.image_size, train=False)
+    out = extract_codes(tok, data, args.out, crops=args.crops, flip=not args.no_flip, batch_size=args.batch,
+                        shard_size=args.shard_size, device=args.device)
+    print(f"codes of {len(data)} images in {out}", file=sys.stderr)
+    return {}
+
+
+def cmd_evaluate(args) -> dict:
+    if args.what == "tokenizer":
+        from restok.checkpoints import load_tokenizer
+        from restok.training.data import open_dataset
+        from restok.training.evaluate import tokenizer_metrics
+
+        if not args.tokenizer:
+            raise CLIError("evaluate tokenizer needs --tokenizer PATH")
+        tok = load_tokenizer(args.tokenizer, args.preset or "L")
+        res = tokenizer_metrics(tok, open_dataset(args.data, tok.cfg.image_size, train=False))
+    else:
+        from restok.runtime import Pipeline
+        from restok.training.evaluate import generated_class_accuracy
+
+        pipe = Pipeline(_artifacts(args))
+        sampling = _sampling(args)
+
+        def images(labels):
+            out = []
+            for start, n, chunk in _batches(labels, pipe.batch):
+                out.append(pipe.generate(chunk, sampling, seed=args.seed, noise_start=start).images[:n])
+            return np.concatenate(out)
+
+        res = generated_class_accuracy(images, pipe.manifest.num_classes, args.per_class)
+    _write_json(res, args.json)
+    if args.json != "-":
+        print(json.dumps(res, indent=2))
     return {}
 
 
@@ -362,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"restok {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, ImportError, FileNotFoundError) as e:  # bad input found by the library
+    except (ValueError, ImportError, FileNotFoundError, EngineError, MemoryError) as e:  # bad input or environment
         print(f"restok {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

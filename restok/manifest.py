@@ -23,7 +23,8 @@ SCHEMA = "restok-artifacts"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VERIFIED_CACHE = ".restok-verified.json"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16")  # what restok export writes
+QUANTIZED = ("int8", "fp8", "int8-weight-only")  # what restok calibrate writes
 
 __all__ = [
     "ArtifactError",
@@ -120,6 +121,7 @@ class Manifest:
     weights: dict[str, dict] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # for Q/DQ artifacts: method, samples, exclusions, quality
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -176,8 +178,9 @@ class Manifest:
             fields_ = {k: d[k] for k in ("precision", "batch", "guided", "opset", "schedule", "tokenizer", "generator")}
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{where} is incomplete ({e}); re-export the artifacts") from e
-        return cls(graphs=graphs, files=d.get("files", {}), weights=d.get("weights", {}), source=d.get("source", {}), tools=d.get("tools", {}),
-                   created=d.get("created", ""), schema_version=v, **fields_)
+        return cls(graphs=graphs, files=d.get("files", {}), weights=d.get("weights", {}), source=d.get("source", {}),
+                   tools=d.get("tools", {}), calibration=d.get("calibration", {}), created=d.get("created", ""),
+                   schema_version=v, **fields_)
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Hash every listed file, then write manifest.json atomically (the last file of an export)."""

@@ -33,12 +33,10 @@ class ParityThresholds:
     min_psnr: float | None = 60.0
 
     @classmethod
-    def for_precision(cls, precision: str) -> "ParityThresholds":
-        return cls() if precision == "fp32" else cls(None, None, None)
-
-    @classmethod
-    def for_precision_of(cls, folder: Path) -> "ParityThresholds":
-        return cls.for_precision(Manifest.read(folder).precision)
+    def for_backend(cls, backend: str, precision: str) -> "ParityThresholds":
+        """Gated by default: ONNX Runtime fp32 (implementation parity). Everything else is reported (other
+        precisions; TensorRT, whose fp32 may use TF32) unless thresholds are given."""
+        return cls() if backend == "onnxruntime" and precision == "fp32" else cls(None, None, None)
 
     def override(self, max_logit_error=None, min_token_agreement=None, min_psnr=None) -> "ParityThresholds":
         kw = {k: v for k, v in dict(max_logit_error=max_logit_error, min_token_agreement=min_token_agreement,
@@ -53,6 +51,14 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
 
 def _labels(m: Manifest, start: int, n: int) -> list[int]:
     return [(start + i) % m.num_classes for i in range(n)]
+
+
+def _has_polygraphy() -> bool:
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dict:
@@ -74,15 +80,17 @@ def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dic
 
 def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int | None = None,
               thresholds: ParityThresholds | None = None, polygraphy_dir: Path | None = None,
-              sampling: SamplingParams = SamplingParams(), low_memory: bool = False) -> dict:
+              sampling: SamplingParams = SamplingParams(), low_memory: bool = False, backend: str = "onnxruntime",
+              device: str = "cpu") -> dict:
+    """The float32 PyTorch reference (on ``device``) against ``backend`` (onnxruntime or tensorrt)."""
     folder = Path(folder)
     m = Manifest.read(folder)
-    th = thresholds or ParityThresholds.for_precision(m.precision)
-    ref = create_backend("torch", folder, m, threads)
-    ort = create_backend("onnxruntime", folder, m, threads, low_memory=low_memory)
+    th = thresholds or ParityThresholds.for_backend(backend, m.precision)
+    ref = create_backend("torch", folder, m, threads, device=device)
+    ort = create_backend(backend, folder, m, threads, low_memory=low_memory)
     pref, port = Pipeline(folder, ref, manifest=m), Pipeline(folder, ort, manifest=m)
     pg_dir = polygraphy_dir or folder / "polygraphy"
-    report: dict = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "guided": m.guided,
+    report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "batch": m.batch, "guided": m.guided,
                     "thresholds": th.__dict__, "steps": []}
 
     # 1. teacher-forced, pass by pass
@@ -106,7 +114,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
             "kv_max_abs_error": max(float(np.abs(want[k] - got[k].astype(np.float32)).max()) for k in kv),
         })
         outs = {t.name: o.detach().cpu().numpy() for t, o in zip(g.outputs, ref.outputs[st.index])}
-        replay[g.name] = _save_polygraphy(pg_dir, g.name, feeds, outs)
+        replay[g.name] = _save_polygraphy(pg_dir, g.name, feeds, outs) if _has_polygraphy() else None
 
     # 2. free-running generations under the same noise
     agree = total = identical = 0
@@ -127,15 +135,16 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     ia = np.array(ref.decode(first_tokens))
     ib = np.array(ort.decode(first_tokens))
     report["decoder"] = {"max_abs_error": float(np.abs(ia - ib).max()), "psnr_db": psnr(ia, ib), "image_std": float(ia.std())}
-    replay["decoder"] = _save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia})
+    replay["decoder"] = _save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia}) if _has_polygraphy() else None
     if "encoder" in m.graphs:
         x = np.clip(ia, 0.0, 1.0).astype(np.float32)
         ea, eb = np.asarray(ref.encode(x)), np.asarray(ort.encode(x))
         report["encoder"] = {"ids_identical": float(np.mean(ea == eb))}
     report["polygraphy"] = {
-        "dir": str(pg_dir),
+        "dir": str(pg_dir) if _has_polygraphy() else None,
         "replay": {name: f"polygraphy run {folder / m.graphs[name].file} --onnxrt --load-inputs {f['inputs']} "
-                         f"--load-outputs {f['outputs']}" for name, f in replay.items()},
+                         f"--load-outputs {f['outputs']}" for name, f in replay.items() if f},
+        "note": None if _has_polygraphy() else "polygraphy is not installed: no replay files written",
     }
 
     # verdict
@@ -152,7 +161,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     report["checks"] = [{"name": c[0], "value": c[1], "op": c[2], "threshold": c[3], "passed": bool(c[4])} for c in checks]
     report["passed"] = all(c[4] for c in checks)
     report["summary"] = (
-        f"{'PASS' if report['passed'] else 'FAIL'} ({m.precision}, batch {m.batch}): logits max abs error {max_err:.3g} "
+        f"{'PASS' if report['passed'] else 'FAIL'} ({backend}, {m.precision}, batch {m.batch}): logits max abs error {max_err:.3g} "
         f"(logits std {min(s['logits_std'] for s in report['steps']):.3g}), token agreement {agreement:.4f} over {images} "
         f"images ({identical} identical), decoder PSNR {p:.1f} dB"
     )

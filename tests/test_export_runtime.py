@@ -33,7 +33,7 @@ def test_manifest_matches_schedule(tiny_artifacts):
         assert g.output("next_tokens").shape == (4, st.num_new) and g.output("next_tokens").dtype == "int64"
         assert g.output("logits").shape == (4, st.num_new, 1024) and g.output("logits").dtype == "float32"
         assert g.output("present_value_3").shape == (4, 4, st.total, 32)
-    assert m.graphs["decoder"].output("images").shape == (2, 3, 64, 64)
+    assert m.graphs["decoder"].output("images").shape == (2, 3, 32, 32)
     assert m.graphs["encoder"].output("tokens").shape == (2, 128)
     # the nine step graphs share one copy of the weights
     gen_bytes = (tiny_artifacts / "generator" / "weights.bin").stat().st_size

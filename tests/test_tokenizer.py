@@ -48,10 +48,10 @@ def test_parameter_count_of_L_matches_official():
 
 def test_bad_input(tiny_tokenizer):
     tok = tiny_tokenizer
-    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
         tok.encode(torch.rand(1, 3, 256, 256))
     with pytest.raises(ValueError, match="floating point"):
-        tok.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        tok.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 1024\)"):
         tok.decode(torch.full((1, 128), 5000))
     with pytest.raises(ValueError, match=r"\[B, 128\]"):

@@ -79,9 +79,10 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+        self.dropout_prob_in_forward = True  # trainers may drop classes themselves (reproducibly per sample)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
+        if self.training and self.dropout_prob > 0 and self.dropout_prob_in_forward:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels).unsqueeze(1)

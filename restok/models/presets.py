@@ -21,7 +21,7 @@ class Preset:
 
 
 _TINY_TOKENIZER = dict(
-    image_size=64, codebook_size=1024, enc_width=64, enc_layers=4, enc_heads=2, dec_width=64, dec_layers=4,
+    image_size=32, codebook_size=1024, enc_width=64, enc_layers=4, enc_heads=2, dec_width=64, dec_layers=4,
     dec_heads=2, cnn_hidden=32, cnn_channel_mult=(1, 2, 2),
 )
 

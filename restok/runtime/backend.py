@@ -19,6 +19,7 @@ from restok.manifest import ArtifactError, Manifest
 BACKENDS = {
     "onnxruntime": "restok.runtime.onnxruntime_backend:OnnxRuntimeBackend",
     "torch": "restok.runtime.torch_backend:TorchBackend",
+    "tensorrt": "restok.runtime.tensorrt_backend:TensorRTBackend",
 }
 
 
@@ -55,6 +56,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int64 [B, N] -> float32 [B, 3, S, S]."""
+
+    def run_fused(self, decode: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Run every pass (and the decoder) in one go -> (tokens [B, N], images or None), or None when the
+        backend only runs pass by pass (then the pipeline calls run_step)."""
+        return None
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """float32 [B, 3, S, S] in [0, 1] -> int64 [B, N]."""

@@ -35,7 +35,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, low_memory: bool = False,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, **_):
         super().__init__(folder, manifest, threads)
         ort = _ort()
         self.ort = ort
@@ -58,10 +58,12 @@ class OnnxRuntimeBackend(Backend):
         self.top_k = self._alloc("top_k", (1,), np.int64)
         self.top_p = self._alloc("top_p", (1,), np.float32)
         self.bindings = []
+        self.input_sources: list[list[tuple[str, str]]] = []  # per step: (input name, buffer key)
         for i in range(self.num_steps):
             g = m.step_graph(i)
             outs = {t.name: self._alloc(f"s{i}.{t.name}", t.shape, _NP[t.dtype]) for t in g.outputs}
             b = self.sessions[g.name].io_binding()
+            sources = []
             for t in g.inputs:
                 if t.name == "labels":
                     src = "labels"
@@ -82,6 +84,8 @@ class OnnxRuntimeBackend(Backend):
                         f"{tuple(have.shape)} {have.dtype}; the artifacts are inconsistent, re-export them"
                     )
                 b.bind_ortvalue_input(t.name, self.vals[src])
+                sources.append((t.name, src))
+            self.input_sources.append(sources)
             for name in outs:
                 b.bind_ortvalue_output(name, self.vals[f"s{i}.{name}"])
             self.bindings.append(b)
@@ -153,6 +157,11 @@ class OnnxRuntimeBackend(Backend):
 
     def step_tokens(self, i: int) -> np.ndarray:
         return self.buf[f"s{i}.next_tokens"]
+
+    def step_feeds(self, i: int) -> dict[str, np.ndarray]:
+        """Copies of pass i's current inputs (valid after run_step(i-1)): calibration and parity traces."""
+        srcs = self.input_sources[i]
+        return {name: np.array(self.buf[key]) for name, key in srcs}
 
     def step_logits(self, i: int) -> np.ndarray:
         return self.buf[f"s{i}.logits"]

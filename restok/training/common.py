@@ -212,6 +212,51 @@ def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
 
 
+def resume(ckpt: Path, name: str, model: nn.Module, opt, ema: "EMA | None", device) -> dict:
+    """Restore ``model`` (checkpoint folder ``name``), its optimizer, EMA and the RNG states from a training
+    checkpoint; returns the trainer state (``state['step']`` is the last completed step)."""
+    from restok.checkpoints import load_generator, load_tokenizer
+
+    load = load_tokenizer if name == "tokenizer" else load_generator
+    model.load_state_dict(load(ckpt / name).state_dict())
+    st = load_trainer_state(ckpt)
+    opt.load_state_dict(st["optimizer"])
+    if ema is not None:
+        ema.shadow = {k: v.to(device) for k, v in load(ckpt / f"{name}_ema").state_dict().items() if k in ema.shadow}
+        ema.updates = st["ema_updates"]
+    set_rng_state(st["rng"])
+    return st
+
+
+def autocast_for(precision: str, device: torch.device):
+    """(context factory, grad scaler or None): 'auto' is bf16 on GPUs and fp32 on CPUs."""
+    import contextlib
+
+    p = "bf16" if precision == "auto" and device.type == "cuda" else ("fp32" if precision == "auto" else precision)
+    if p == "fp32":
+        return contextlib.nullcontext, None
+    if p not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def optimizer_step(loss: torch.Tensor, opt, params, clip: float, scaler=None) -> float:
+    """Backward, gradient clipping (after unscaling), step; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return float(gnorm)
+
+
 # ------------------------------------------------------------------------------------ logging
 
 

@@ -106,6 +106,9 @@ class DigitsDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
     def pil(self, i: int):
         from PIL import Image
 
@@ -135,6 +138,9 @@ class ImageFolderDataset:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def label(self, i: int) -> int:
+        return self.items[i][1]
 
     def pil(self, i: int):
         from PIL import Image
@@ -192,6 +198,9 @@ class WebDatasetShards:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def label(self, i: int) -> int:
+        return self.index[i][2]
 
     def pil(self, i: int):
         from PIL import Image

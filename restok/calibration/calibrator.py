@@ -1,0 +1,253 @@
+"""``restok calibrate``: INT8 / FP8 / weight-only INT8 Q/DQ artifacts from FP32 artifacts, with a quality gate.
+
+1. Traces: the FP32 pipeline (ONNX Runtime) generates images for the calibration class labels with the
+   usual sampling; every pass's inputs and the decoder's input tokens are recorded.
+2. Ranges: each graph runs on its recorded inputs with the activations of its linear ops as extra
+   outputs; the per-tensor max |x| over all samples is the range ('max' calibration).
+3. Q/DQ graphs (``restok.calibration.qdq``), the weights consolidated as in any export, a new manifest
+   recording the calibration (method, samples, tool versions, quantized and excluded nodes).
+4. The gate, on ONNX Runtime against the FP32 artifacts with the same noise: per-pass logits error on the
+   FP32 pass inputs, sampled-token agreement over whole generations, decoded-image PSNR. Below the
+   thresholds nothing is written (the previous --out stays as it was) and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from restok.calibration.qdq import insert_qdq, plan_graph
+from restok.fileutil import replace_dir, staging_dir
+from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest
+from restok.runtime.pipeline import Pipeline, SamplingParams
+
+
+@dataclass
+class CalibrationOptions:
+    precision: str = "int8"  # int8 | fp8 | int8-weight-only
+    samples: int = 32  # calibration images (class labels cycle through ``classes``)
+    classes: tuple[int, ...] = ()  # default: all classes
+    seed: int = 1234
+    quantize_head: bool = False
+    quantize_decoder: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    gate_images: int = 64
+    gate_seed: int = 0
+    min_token_agreement: float = 0.9
+    min_psnr: float = 30.0
+
+    def validate(self, m: Manifest) -> None:
+        if self.precision not in QUANTIZED:
+            raise ValueError(f"precision must be one of {', '.join(QUANTIZED)}, got {self.precision!r}")
+        if m.precision != "fp32":
+            raise ArtifactError(f"calibration starts from fp32 artifacts; these are {m.precision}")
+        if self.samples < 1 or self.gate_images < 1:
+            raise ValueError("samples and gate images must be >= 1")
+        bad = [c for c in self.classes if not 0 <= c < m.num_classes]
+        if bad:
+            raise ValueError(f"class ids {bad} are outside [0, {m.num_classes})")
+
+
+def _labels(classes, n: int, num_classes: int) -> list[int]:
+    cl = list(classes) or list(range(num_classes))
+    return [cl[i % len(cl)] for i in range(n)]
+
+
+def collect_traces(pipe: Pipeline, labels: list[int], sampling: SamplingParams, seed: int) -> dict[str, list[dict]]:
+    """{graph name: [feeds, ...]} over generations of ``labels`` (batched by the artifacts' batch)."""
+    be = pipe.backend
+    m = pipe.manifest
+    traces: dict[str, list[dict]] = {name: [] for name in m.graphs if name != "encoder"}
+    for start in range(0, len(labels), m.batch):
+        chunk = labels[start : start + m.batch]
+        chunk = chunk + [chunk[-1]] * (m.batch - len(chunk))
+        # a generation, recording each pass's inputs just before it runs
+        orig = be.run_step
+
+        def recording(i, _orig=orig):
+            traces[f"step{i}"].append(be.step_feeds(i))
+            _orig(i)
+
+        be.run_step = recording
+        try:
+            g = pipe.generate(chunk, sampling, seed=seed, noise_start=start, decode=False)
+        finally:
+            be.run_step = orig
+        traces["decoder"].append({"tokens": g.tokens})
+    return traces
+
+
+def _session(model_bytes: bytes, threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def activation_ranges(model, weights_dir: Path, tensors: list[str], feeds: list[dict], threads: int | None) -> dict[str, float]:
+    """max |x| of ``tensors`` over ``feeds``: the graph runs (from memory, weights loaded) with them as
+    extra outputs."""
+    import onnx
+    from onnx import helper
+
+    if not tensors:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    onnx.load_external_data_for_model(m, str(weights_dir))
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(t))
+    sess = _session(m.SerializeToString(), threads)
+    del m
+    amax = {t: 0.0 for t in tensors}
+    for f in feeds:
+        outs = sess.run(tensors, f)
+        for t, v in zip(tensors, outs):
+            amax[t] = max(amax[t], float(np.abs(v).max()))
+    return amax
+
+
+def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list[str], traces, opts: CalibrationOptions,
+                     threads: int | None) -> tuple[dict, dict]:
+    """Q/DQ versions of ``names`` (others copied as they are) into dst/folder with one new weights.bin."""
+    import onnx
+
+    from restok.export.exporter import WeightsFile
+
+    kind = "fp8" if opts.precision == "fp8" else "int8"
+    weights_only = opts.precision == "int8-weight-only"
+    (dst / folder).mkdir(parents=True, exist_ok=True)
+    wf = WeightsFile(dst / folder / "weights.bin")
+    report = {}
+    try:
+        for name in names:
+            g = m.graphs[name]
+            model = onnx.load(str(src / g.file), load_external_data=False)
+            quantize = name.startswith("step") or (name == "decoder" and opts.quantize_decoder)
+            if quantize:
+                plan = plan_graph(model, m.vocab_size if name.startswith("step") else None, opts.quantize_head,
+                                  opts.exclude_nodes, opts.exclude_ops)
+                acts = sorted(set(plan.activations[n] for n in plan.quantize))
+                amax = None if weights_only else activation_ranges(model, src / folder, acts, traces[name], threads)
+            onnx.load_external_data_for_model(model, str(src / folder))
+            if quantize:
+                report[name] = insert_qdq(model, plan, amax, kind, weights_only)
+            wf.externalize(model, "weights.bin")
+            wf.f.flush()
+            onnx.save(model, str(dst / g.file))
+    finally:
+        wf.close()
+    for name in names:
+        onnx.checker.check_model(str(dst / m.graphs[name].file))
+    return report, wf.index
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1).astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampling: SamplingParams,
+                   classes=()) -> dict:
+    """Candidate (quantized) vs reference (fp32) artifacts on ONNX Runtime, the same noise for both."""
+    m = ref.manifest
+    labels = _labels(classes, images, m.num_classes)
+    feeds = collect_traces(ref, labels[: m.batch], sampling, seed)
+    step_err = []
+    for i in range(m.num_steps):
+        name = f"step{i}"
+        f = feeds[name][0]
+        a = ref.backend.run_graph(name, f)["logits"]
+        b = cand.backend.run_graph(name, f)["logits"]
+        step_err.append({"step": i, "logits_max_abs_error": float(np.abs(a - b).max()),
+                         "logits_mean_abs_error": float(np.abs(a - b).mean()), "logits_std": float(a.std())})
+    agree = total = 0
+    p_all = []
+    for start in range(0, images, m.batch):
+        n = min(m.batch, images - start)
+        chunk = labels[start : start + m.batch]
+        chunk = chunk + [chunk[-1]] * (m.batch - len(chunk))
+        ga = ref.generate(chunk, sampling, seed=seed, noise_start=start)
+        gb = cand.generate(chunk, sampling, seed=seed, noise_start=start, decode=False)
+        agree += int((ga.tokens[:n] == gb.tokens[:n]).sum())
+        total += ga.tokens[:n].size
+        dec_b = cand.decode(ga.tokens)  # the same tokens through the candidate decoder
+        p_all.extend(psnr(ga.images[j], dec_b[j]) for j in range(n))
+    return {"images": images, "token_agreement": agree / total, "decoder_psnr_db": float(np.mean(p_all)),
+            "decoder_psnr_min_db": float(np.min(p_all)), "steps": step_err}
+
+
+def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, threads: int | None = None,
+              sampling: SamplingParams = SamplingParams(), report_path: str | Path | None = None) -> dict:
+    """Build Q/DQ artifacts in ``out``; returns the report (``report['passed']``)."""
+    src = Path(artifacts)
+    m = Manifest.read(src)
+    opts.validate(m)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
+        raise ArtifactError(f"{out} exists and is not a restok export; refusing to overwrite it")
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from --artifacts")
+    import onnx
+
+    ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m)
+    labels = _labels(opts.classes, opts.samples, m.num_classes)
+    print(f"restok calibrate: tracing {len(labels)} FP32 generations", file=sys.stderr)
+    traces = collect_traces(ref, labels, sampling, opts.seed)
+    stage = staging_dir(out)
+    try:
+        print(f"restok calibrate: {opts.precision} Q/DQ graphs", file=sys.stderr)
+        steps = [f"step{i}" for i in range(m.num_steps)]
+        rep_g, idx_g = _quantize_folder(src, stage, m, "generator", steps, traces, opts, threads)
+        tok_names = [n for n in ("decoder", "encoder") if n in m.graphs]
+        rep_t, idx_t = _quantize_folder(src, stage, m, "tokenizer", tok_names, traces, opts, threads)
+        nm = Manifest.from_dict(m.to_dict())
+        nm.precision = opts.precision
+        nm.weights = {"generator/weights.bin": idx_g, "tokenizer/weights.bin": idx_t}
+        nm.files = {rel: {} for rel in [*(g.file for g in nm.graphs.values()), "generator/weights.bin", "tokenizer/weights.bin"]}
+        nm.tools = {**m.tools, "onnx": onnx.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+                    "quantizer": "restok.calibration.qdq"}
+        nm.calibration = {
+            "precision": opts.precision, "method": "max" if opts.precision != "int8-weight-only" else "weights only",
+            "scheme": "symmetric; per-channel weights; per-tensor activations",
+            "samples": len(labels), "classes": sorted(set(labels)), "seed": opts.seed,
+            "sampling": sampling.__dict__, "from": str(src.resolve()), "from_sha256": {k: v["sha256"] for k, v in m.files.items()},
+            "graphs": {**rep_g, **rep_t},
+        }
+        # the gate, before anything is published
+        nm_tmp = stage / MANIFEST_NAME
+        nm.write(stage)
+        cand = Pipeline(stage, "onnxruntime", threads=threads)
+        q = quality_report(ref, cand, opts.gate_images, opts.gate_seed, sampling, opts.classes)
+        cand.close()
+        gate = {"min_token_agreement": opts.min_token_agreement, "min_psnr_db": opts.min_psnr}
+        passed = q["token_agreement"] >= opts.min_token_agreement and q["decoder_psnr_db"] >= opts.min_psnr
+        report = {"precision": opts.precision, "out": str(out), "passed": passed, "gate": gate, "quality": q,
+                  "calibration": {k: v for k, v in nm.calibration.items() if k != "graphs"},
+                  "quantized_nodes": {k: v["quantized_nodes"] for k, v in nm.calibration["graphs"].items()}}
+        if passed:
+            nm.calibration["quality"] = {**q, "gate": gate}
+            nm_tmp.unlink()
+            nm.write(stage)
+            replace_dir(stage, out)
+        if report_path:
+            from restok.fileutil import atomic_write_bytes
+
+            atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
+        return report
+    finally:
+        ref.close()
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""Train (or fine-tune) a HAR generator on token ids from ``restok extract-codes``: teacher forcing over the
+layout of ``restok.schedule`` (or vanilla AR), cross-entropy over all positions, class dropout to the null
+class, token/residual dropout; EMA; exact resume; single process or torchrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from restok.training import common as C
+from restok.training.data import Batcher, CodesDataset, sample_rng
+
+
+@dataclass
+class GeneratorTrainConfig:
+    out: str = "runs/generator"
+    codes: str = "runs/codes"  # restok extract-codes output
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # GeneratorConfig fields overriding the preset
+    init_from: str = ""
+    tokenizer: str = ""  # optional: a tokenizer checkpoint, to save generated samples as images
+    vanilla: bool = False  # plain 128-step AR instead of HAR
+    class_dropout: float = -1.0  # probability of the null class per sample; -1 = the model's class_dropout_prob
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 10086
+    workers: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    sample_every: int = 1000
+    keep: int = 2
+    stop_at: int = -1  # stop (with a checkpoint) after this step, e.g. for time-boxed jobs; resume later
+    fsdp: bool = False
+
+
+def build_generator_for_training(cfg: GeneratorTrainConfig, vocab: int, num_classes: int):
+    from restok.checkpoints import load_generator
+    from restok.models.generator import GeneratorConfig, HARGenerator
+    from restok.models.presets import get_preset
+
+    if cfg.init_from:
+        return load_generator(cfg.init_from, cfg.preset)
+    d = {**get_preset(cfg.preset).generator.to_dict(), **cfg.model}
+    d.setdefault("vocab_size", vocab)
+    if d["vocab_size"] != vocab or d["num_classes"] != num_classes:
+        raise ValueError(f"the codes have vocab {vocab} and {num_classes} classes; the generator config has "
+                         f"vocab {d['vocab_size']} and {d['num_classes']} classes (set model.vocab_size / model.num_classes)")
+    return HARGenerator(GeneratorConfig(**d))
+
+
+def train_generator(cfg: GeneratorTrainConfig, resume: bool = False) -> Path:
+    d = C.setup_process(cfg.device)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    C.seed_everything(cfg.seed)
+    data = CodesDataset(cfg.codes)
+    gen = build_generator_for_training(cfg, int(data.meta["vocab_size"]), data.num_classes).to(d.device)
+    schedule = gen.vanilla_schedule() if cfg.vanilla else gen.schedule
+    p_drop = gen.cfg.class_dropout_prob if cfg.class_dropout < 0 else cfg.class_dropout
+    gen.cls_embedding.dropout_prob_in_forward = False  # the trainer drops classes per sample, reproducibly
+    batcher = Batcher(data, cfg.batch_size, cfg.seed, d.rank, d.world, cfg.workers)
+    C.say_once(d, f"generator {sum(p.numel() for p in gen.parameters()):,} parameters, {len(data)} coded images, "
+                  f"{'vanilla' if cfg.vanilla else 'HAR'} ({schedule.num_steps} passes), {d.world} process(es) on {d.device}")
+    if p_drop <= 0:
+        C.say_once(d, "class dropout: off (no classifier-free guidance will be learned)")
+    if cfg.ema_decay <= 0:
+        C.say_once(d, "EMA: off")
+    model = C.wrap_model(gen, d, cfg.fsdp)
+    opt = torch.optim.AdamW(C.param_groups(gen, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ema = C.EMA(gen, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    autocast, scaler = C.autocast_for(cfg.precision, d.device)
+
+    start = 0
+    ck = C.latest_checkpoint(out) if resume else None
+    if ck is not None:
+        start = C.resume(ck, "generator", gen, opt, ema, d.device)["step"] + 1
+        C.say_once(d, f"resumed from {ck} at step {start}")
+
+    tok = None
+    if cfg.tokenizer and d.main and cfg.sample_every > 0:
+        from restok.checkpoints import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer).to(d.device)
+    null = gen.cfg.null_class
+    log = C.MetricsLog(out, cfg.steps, start, d.main, "train generator")
+    gen.train()
+    for step in range(start, cfg.steps):
+        x, y, pos = batcher.batch(step)
+        ids = torch.from_numpy(x).to(d.device)
+        drop = torch.tensor([sample_rng(cfg.seed, step, int(p), 2).random() < p_drop for p in pos], device=d.device)
+        labels = torch.where(drop, torch.full_like(torch.from_numpy(y).to(d.device), null), torch.from_numpy(y).to(d.device))
+        lr = C.lr_at(step, cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast():
+            logits = model(ids, labels, schedule)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1))
+        gnorm = C.optimizer_step(loss, opt, gen.parameters(), cfg.grad_clip, scaler)
+        if ema is not None:
+            ema.update(gen)
+        last = step == cfg.steps - 1 or step == cfg.stop_at
+        if step % cfg.log_every == 0 or last:
+            log.log(step, loss=C.all_reduce_mean(loss.detach().float(), d).item(), lr=lr, grad_norm=gnorm)
+        if tok is not None and (step % cfg.sample_every == 0 or last):
+            _save_samples(out, step, gen, ema, tok, data.num_classes)
+        if d.main and ((step + 1) % cfg.save_every == 0 or last):
+            C.save_training_checkpoint(out, step, {"generator": gen}, {"generator": ema} if ema else {},
+                                       {"optimizer": opt.state_dict(), "ema_updates": ema.updates if ema else 0}, cfg, cfg.keep)
+        log.advance()
+        if step == cfg.stop_at:
+            break
+    log.close()
+    C.teardown_process()
+    return out
+
+
+@torch.no_grad()
+def _save_samples(out: Path, step: int, gen, ema, tok, num_classes: int) -> None:
+    import copy
+
+    from restok.generation import generate
+    from restok.images import make_grid, save_png, to_uint8
+
+    g = copy.deepcopy(gen).eval()
+    if ema is not None:
+        ema.copy_to(g)
+    labels = list(range(min(num_classes, 10)))
+    ids = generate(g, labels, cfg_scale=3.0, cfg_schedule="constant", top_p=0.95, seed=step)
+    imgs = tok.decode(ids.to(next(tok.parameters()).device))
+    save_png(make_grid(to_uint8(imgs.float().cpu().numpy())), out / "samples" / f"generated_{step:07d}.png")

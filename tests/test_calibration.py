@@ -1,0 +1,114 @@
+"""Calibration: Q/DQ placement TensorRT accepts, zero points 0, exclusions kept in FP32, the manifest's
+calibration record, and the quality gate refusing a broken calibration."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from restok.calibration import CalibrationOptions, calibrate
+from restok.manifest import Manifest
+
+PERMISSIVE = dict(samples=4, gate_images=4, min_token_agreement=0.0, min_psnr=0.0)
+
+
+@pytest.fixture(scope="module")
+def int8_artifacts(tiny_artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int8"
+    r = calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8", **PERMISSIVE), threads=1)
+    assert r["passed"]
+    return out
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def test_placement_and_zero_points(int8_artifacts):
+    m = Manifest.read(int8_artifacts)
+    model = onnx.load(str(int8_artifacts / m.step_graph(5).file))
+    inits = {t.name: t for t in model.graph.initializer}
+    prod = _producers(model)
+    quantized, head, bmm = [], [], []
+    for n in model.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        w = prod.get(n.input[1])
+        if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits:
+            quantized.append(n)
+            assert inits[w.input[0]].data_type == onnx.TensorProto.INT8
+            act = prod.get(n.input[0])
+            assert act is not None and act.op_type == "DequantizeLinear"  # W8A8: the activation is Q/DQ'd too
+        elif n.input[1] in inits:
+            head.append(tuple(inits[n.input[1]].dims))
+        else:
+            bmm.append(n)
+    layers = 4
+    assert len(quantized) == 5 * layers  # wqkv, wo, w1, w3, w2 of every layer
+    assert head == [(128, 1024)]  # the LM head stays in FP32
+    assert len(bmm) == 2 * layers  # the attention BMMs stay in FP32
+    # symmetric: every zero point is 0; per-channel weight scales, per-tensor activation scales
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert not numpy_helper.to_array(inits[n.input[2]]).any()
+            scale = numpy_helper.to_array(inits[n.input[1]])
+            assert scale.ndim == (1 if n.input[0] in inits else 0)
+    # nothing else is quantized: no Q/DQ feeds norms, softmax, adds or the sampling head
+    for n in model.graph.node:
+        if n.op_type in ("Softmax", "ReduceMean", "Add", "Gather", "ArgMax"):
+            assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input), n.op_type
+
+
+def test_manifest_records_calibration(int8_artifacts, tiny_artifacts):
+    m = Manifest.read(int8_artifacts)
+    c = m.calibration
+    assert m.precision == "int8" and c["method"] == "max" and c["samples"] == 4
+    assert c["graphs"]["step0"]["quantized_nodes"] == 20 and "LM head (output)" in c["graphs"]["step0"]["excluded"].values()
+    assert c["graphs"]["decoder"]["quantized_nodes"] > 0
+    assert "onnxruntime" in m.tools and c["quality"]["images"] == 4
+    assert set(c["from_sha256"]) == set(Manifest.read(tiny_artifacts).files)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8-weight-only"])
+def test_other_precisions(tiny_artifacts, tmp_path, precision):
+    out = tmp_path / precision
+    r = calibrate(tiny_artifacts, out, CalibrationOptions(precision=precision, **PERMISSIVE), threads=1)
+    assert r["passed"] and 0.0 < r["quality"]["token_agreement"] <= 1.0
+    m = Manifest.read(out)
+    g = m.calibration["graphs"]["step3"]
+    model = onnx.load(str(out / m.step_graph(3).file))
+    dtypes = {t.data_type for t in model.graph.initializer}
+    if precision == "fp8":
+        assert onnx.TensorProto.FLOAT8E4M3FN in dtypes and g["activation_qdq"] > 0
+    else:
+        assert onnx.TensorProto.INT8 in dtypes and g["activation_qdq"] == 0
+        assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_gate_rejects_a_broken_calibration(tiny_artifacts, tmp_path, monkeypatch, capsys):
+    import restok.calibration.calibrator as cal
+    from restok.cli import main
+
+    real = cal.activation_ranges
+
+    def broken(*a, **k):  # ranges 1000x too small: every activation saturates
+        return {t: v / 1000 for t, v in real(*a, **k).items()}
+
+    monkeypatch.setattr(cal, "activation_ranges", broken)
+    out = tmp_path / "broken"
+    rc = main(["calibrate", "--artifacts", str(tiny_artifacts), "--precision", "int8", "--samples", "4",
+               "--gate-images", "4", "--out", str(out), "--json", str(tmp_path / "report.json")])
+    assert rc == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert "FAIL" in capsys.readouterr().err
+    import json
+
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert not r["passed"] and r["quality"]["token_agreement"] < 0.9
+
+
+def test_calibration_needs_fp32(tiny_artifacts_fp16, tmp_path):
+    from restok.manifest import ArtifactError
+
+    with pytest.raises(ArtifactError, match="starts from fp32"):
+        calibrate(tiny_artifacts_fp16, tmp_path / "x", CalibrationOptions(precision="int8"))

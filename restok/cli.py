@@ -46,6 +46,9 @@ def _add_model_args(p: argparse.ArgumentParser, export_opts: bool = True) -> Non
         e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
         e.add_argument("--no-cfg", action="store_true", help="export without classifier-free guidance (half the rows)")
         e.add_argument("--no-encoder", action="store_true", help="skip the tokenizer encoder graph")
+        e.add_argument("--kv-cache", choices=("concat", "inplace"), default="concat",
+                       help="concat: past/present KV per pass (any TensorRT 10.x; default); inplace: one fixed-size "
+                            "cache updated with ONNX TensorScatter (opset 24; TensorRT >= 10.15 updates it in place)")
 
 
 def _add_artifacts_arg(p: argparse.ArgumentParser) -> None:
@@ -173,6 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--min-token-agreement", type=float, default=0.9, help="gate: sampled tokens equal to FP32 (default 0.9)")
     cal.add_argument("--min-psnr", type=float, default=30.0, help="gate: decoded-image PSNR vs FP32 in dB (default 30)")
     cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    cal.add_argument("--low-memory", action="store_true", help="onnxruntime without per-pass weight pre-packing "
+                     "(needed for fp32 L on machines with less than ~40 GB of RAM; slower)")
     cal.add_argument("--out", required=True, metavar="DIR", help="the new artifacts folder")
     cal.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
     cal.set_defaults(func=cmd_calibrate)
@@ -257,10 +262,11 @@ def _resolve_models(args):
 def _export_options(args):
     from restok.export import DEFAULT_OPSET, ExportOptions
 
+    kv = getattr(args, "kv_cache", "concat") or "concat"
     return ExportOptions(precision=getattr(args, "precision", "fp32"), batch=getattr(args, "batch", 1) or 1,
                          guided=not getattr(args, "no_cfg", False),
-                         opset=getattr(args, "opset", None) or DEFAULT_OPSET,
-                         encoder=not getattr(args, "no_encoder", False))
+                         opset=getattr(args, "opset", None) or (24 if kv == "inplace" else DEFAULT_OPSET),
+                         encoder=not getattr(args, "no_encoder", False), kv_cache=kv)
 
 
 def _cache_root() -> Path:
@@ -318,6 +324,7 @@ def cmd_export(args) -> dict:
     m = export_artifacts(tok, gen, args.out, opts, source=source)
     summary = {
         "out": str(Path(args.out).resolve()), "precision": m.precision, "batch": m.batch, "guided": m.guided,
+        "kv_cache": m.kv_cache,
         "opset": m.opset, "graphs": sorted(m.graphs), "seconds": round(time.perf_counter() - t0, 2),
         "bytes": sum(f["bytes"] for f in m.files.values()),
     }
@@ -462,7 +469,7 @@ def cmd_calibrate(args) -> dict:
         min_token_agreement=args.min_token_agreement, min_psnr=args.min_psnr,
     )
     report = calibrate(args.artifacts, args.out, opts, threads=args.threads,
-                       report_path=args.json if args.json and args.json != "-" else None)
+                       report_path=args.json if args.json and args.json != "-" else None, low_memory=args.low_memory)
     if args.json == "-":
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     q = report["quality"]

@@ -122,6 +122,7 @@ class Manifest:
     source: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # for Q/DQ artifacts: method, samples, exclusions, quality
+    kv_cache: str = "concat"  # concat: past_*/present_* per pass; inplace: one cache_* buffer updated in place
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -179,7 +180,8 @@ class Manifest:
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{where} is incomplete ({e}); re-export the artifacts") from e
         return cls(graphs=graphs, files=d.get("files", {}), weights=d.get("weights", {}), source=d.get("source", {}),
-                   tools=d.get("tools", {}), calibration=d.get("calibration", {}), created=d.get("created", ""),
+                   tools=d.get("tools", {}), calibration=d.get("calibration", {}), kv_cache=d.get("kv_cache", "concat"),
+                   created=d.get("created", ""),
                    schema_version=v, **fields_)
 
     def write(self, folder: str | os.PathLike) -> Path:

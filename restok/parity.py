@@ -105,7 +105,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
                 for t, o in zip(g.outputs, ref.outputs[st.index])}
         got = ort.run_graph(g.name, feeds)
         lw, lg = want["logits"], got["logits"].astype(np.float32)
-        kv = [k for k in want if k.startswith("present_")]
+        kv = [k for k in want if k.startswith(("present_", "cache_"))]
         report["steps"].append({
             "step": st.index, "new_positions": st.num_new, "cached": st.cached,
             "logits_max_abs_error": float(np.abs(lw - lg).max()),

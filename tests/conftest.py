@@ -35,3 +35,13 @@ def tiny_artifacts_fp16(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts") / "tiny_fp16_b1"
     assert main(["export", "--preset", "tiny", "--precision", "fp16", "--no-encoder", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts_inplace(tmp_path_factory):
+    """The same model with the in-place KV cache (TensorScatter, opset 24)."""
+    from restok.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny_inplace_b2"
+    assert main(["export", "--preset", "tiny", "--batch", "2", "--kv-cache", "inplace", "--out", str(out)]) == 0
+    return out

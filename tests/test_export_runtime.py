@@ -194,3 +194,22 @@ def test_low_memory_mode_gives_the_same_tokens(tiny_artifacts):
     b = Pipeline(tiny_artifacts, low_memory=True).generate([5, 6], seed=3)
     assert np.array_equal(a.tokens, b.tokens)
     assert np.abs(a.images - b.images).max() < 1e-4
+
+
+def test_inplace_kv_cache(tiny_artifacts_inplace, tiny_artifacts):
+    m = Manifest.read(tiny_artifacts_inplace)
+    assert m.kv_cache == "inplace" and m.opset == 24
+    g = m.step_graph(4)
+    assert g.input("cache_key_0").shape == g.output("cache_key_out_0").shape == (4, 4, 128, 32)
+    model = onnx.load(str(tiny_artifacts_inplace / g.file), load_external_data=False)
+    assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 8  # k and v of 4 layers
+    r = run_check(tiny_artifacts_inplace, images=4)
+    assert r["passed"], r["summary"]
+    # the same tokens as the past/present graphs, and one buffer per cache serves every pass
+    p = Pipeline(tiny_artifacts_inplace)
+    a = p.generate([1, 2], seed=3)
+    b = Pipeline(tiny_artifacts).generate([1, 2], seed=3)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert "cache_key_0" in p.backend.buf and not any(k.endswith("cache_key_out_0") for k in p.backend.buf)
+    again = p.generate([1, 2], seed=3)  # stale slots from the previous image are masked
+    assert np.array_equal(again.tokens, a.tokens)

@@ -33,7 +33,7 @@ def _has_trt_gpu() -> str | None:
 NO_GPU = _has_trt_gpu()
 
 
-@pytest.mark.parametrize("which", ["tiny_artifacts", "tiny_artifacts_fp16"])
+@pytest.mark.parametrize("which", ["tiny_artifacts", "tiny_artifacts_fp16", "tiny_artifacts_inplace"])
 def test_lint_passes_on_our_exports(request, which):
     reports = lint_artifacts(request.getfixturevalue(which))
     assert set(reports) >= {f"step{i}" for i in range(9)} | {"decoder"}
@@ -148,3 +148,15 @@ def test_tensorrt_engines_match_the_reference(tiny_artifacts_fp16):
     r = run_check(tiny_artifacts_fp16, images=4, backend="tensorrt", device="cuda")
     assert r["generation"]["token_agreement"] > 0.9, r["summary"]
     assert r["decoder"]["psnr_db"] > 30, r["summary"]
+
+
+def test_tensorrt_version_gates(tiny_artifacts, tiny_artifacts_inplace):
+    from restok.engines.builder import require_support
+
+    inplace = Manifest.read(tiny_artifacts_inplace)
+    with pytest.raises(EngineError, match="TensorRT 10.3.0 cannot parse the in-place KV cache.*--kv-cache concat"):
+        require_support(inplace, "10.3.0")
+    require_support(inplace, "10.15.1")
+    require_support(Manifest.read(tiny_artifacts), "10.3.0")  # past/present graphs: any TensorRT 10.x
+    with pytest.raises(EngineError, match="too old"):
+        require_support(Manifest.read(tiny_artifacts), "8.6.1")

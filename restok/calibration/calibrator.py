@@ -190,7 +190,8 @@ def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampli
 
 
 def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, threads: int | None = None,
-              sampling: SamplingParams = SamplingParams(), report_path: str | Path | None = None) -> dict:
+              sampling: SamplingParams = SamplingParams(), report_path: str | Path | None = None,
+              low_memory: bool = False) -> dict:
     """Build Q/DQ artifacts in ``out``; returns the report (``report['passed']``)."""
     src = Path(artifacts)
     m = Manifest.read(src)
@@ -202,7 +203,7 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
         raise ValueError("--out must differ from --artifacts")
     import onnx
 
-    ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m)
+    ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m, low_memory=low_memory)
     labels = _labels(opts.classes, opts.samples, m.num_classes)
     print(f"restok calibrate: tracing {len(labels)} FP32 generations", file=sys.stderr)
     traces = collect_traces(ref, labels, sampling, opts.seed)
@@ -229,7 +230,7 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
         # the gate, before anything is published
         nm_tmp = stage / MANIFEST_NAME
         nm.write(stage)
-        cand = Pipeline(stage, "onnxruntime", threads=threads)
+        cand = Pipeline(stage, "onnxruntime", threads=threads, low_memory=low_memory)
         q = quality_report(ref, cand, opts.gate_images, opts.gate_seed, sampling, opts.classes)
         cand.close()
         gate = {"min_token_agreement": opts.min_token_agreement, "min_psnr_db": opts.min_psnr}

@@ -71,6 +71,10 @@ def gpu_identity() -> dict:
     return {"name": name.strip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
 
@@ -84,7 +88,7 @@ def build_key(m: Manifest, trt_version: str, gpu: dict) -> dict:
     return {
         "onnx_sha256": {name: m.files[g.file]["sha256"] for name, g in sorted(m.graphs.items())},
         "weights_sha256": {k: m.files[k]["sha256"] for k in sorted(m.weights)},
-        "precision": m.precision, "batch": m.batch, "guided": m.guided,
+        "precision": m.precision, "batch": m.batch, "guided": m.guided, "kv_cache": m.kv_cache,
         "tensorrt": trt_version, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
     }
 
@@ -106,6 +110,19 @@ def check_engines(folder: Path, m: Manifest, trt_version: str, gpu: dict) -> Pat
         if not (d / f"{name}.plan").is_file():
             raise EngineError(f"{d / (name + '.plan')} is missing; rebuild: restok build --artifacts {folder}")
     return d
+
+
+def require_support(m: Manifest, trt_version: str) -> None:
+    """Refuse graphs this TensorRT cannot parse, saying which export works instead."""
+    v = _version_tuple(trt_version)
+    if v < (10, 0):
+        raise EngineError(f"TensorRT {trt_version} is too old: restok builds with TensorRT 10.x or 11.x")
+    if m.kv_cache == "inplace" and v < (10, 15):
+        raise EngineError(
+            f"TensorRT {trt_version} cannot parse the in-place KV cache (ONNX TensorScatter needs TensorRT >= 10.15); "
+            "re-export with --kv-cache concat (the past/present graphs run on any TensorRT 10.x)")
+    if m.opset > 24 or (m.opset > 20 and v < (10, 12)):
+        raise EngineError(f"TensorRT {trt_version} may not parse opset {m.opset}; re-export with --opset 20")
 
 
 def step_profiles(m: Manifest) -> dict[str, dict[str, tuple]]:
@@ -143,6 +160,7 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> Pa
     folder = Path(folder)
     m = Manifest.read(folder)
     trt = import_tensorrt()
+    require_support(m, trt.__version__)
     gpu = gpu_identity()
     try:
         return check_engines(folder, m, trt.__version__, gpu)

@@ -78,7 +78,8 @@ def _attr(node, name, default=None):
     return default
 
 
-def lint_model(model, path: str = "<model>") -> LintReport:
+def lint_model(model, path: str = "<model>", base_dir: str = "") -> LintReport:
+    """``base_dir``: where the model's external data lives (to read constant zero points and K values)."""
     import onnx
     from onnx import numpy_helper
 
@@ -91,8 +92,11 @@ def lint_model(model, path: str = "<model>") -> LintReport:
             rep.errors.append(f"custom domain {o.domain!r}: only TensorRT plugins could run it")
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     types = {}
+    ranks = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         types[v.name] = _ELEM.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))
+        if v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
     inits = {}
     for t in model.graph.initializer:
         types[t.name] = _ELEM.get(t.data_type, str(t.data_type))
@@ -104,7 +108,7 @@ def lint_model(model, path: str = "<model>") -> LintReport:
 
     def value(name):
         if name in inits:
-            return numpy_helper.to_array(inits[name])
+            return numpy_helper.to_array(inits[name], base_dir)
         for n in model.graph.node:
             if n.op_type == "Constant" and n.output[0] == name:
                 return numpy_helper.to_array(_attr(n, "value"))
@@ -143,8 +147,15 @@ def lint_model(model, path: str = "<model>") -> LintReport:
                 rep.errors.append(f"{where}: K={int(k.reshape(-1)[0])} must be below {TOPK_MAX_K}")
             if _attr(node, "sorted", 1) != 1:
                 rep.errors.append(f"{where}: sorted must be 1")
-        if op == "TensorScatter" and _attr(node, "axis", -2) != -2:
-            rep.errors.append(f"{where}: axis must be -2")
+        if op == "TensorScatter":
+            if _attr(node, "axis", -2) != -2:
+                rep.errors.append(f"{where}: axis must be -2")
+            if any(ranks.get(i, 4) != 4 for i in node.input[:2]):
+                rep.errors.append(f"{where}: past_cache and update must be 4-D")
+        if op == "Attention":
+            bad = [i for i in node.input[:4] if i and ranks.get(i, 4) != 4]
+            if bad:
+                rep.errors.append(f"{where}: Q, K, V and attn_mask must be 4-D ({', '.join(bad)} are not)")
         if op == "Attention" and len(node.input) > 4 and any(node.input[4:]):
             rep.errors.append(f"{where}: past_key/past_value/nonpad_kv_seqlen inputs are not supported")
         if op == "Attention" and len(node.output) > 1 and any(node.output[1:]):
@@ -172,7 +183,7 @@ def lint_model(model, path: str = "<model>") -> LintReport:
 def lint_file(path: str | Path) -> LintReport:
     import onnx
 
-    return lint_model(onnx.load(str(path), load_external_data=False), str(path))
+    return lint_model(onnx.load(str(path), load_external_data=False), str(path), str(Path(path).parent))
 
 
 def lint_artifacts(folder: str | Path) -> dict[str, LintReport]:

@@ -36,7 +36,7 @@ DEFAULT_OPSET = 20
 ALIGN = 4096  # external-data offsets, so the weights file can be memory-mapped
 MIN_EXTERNAL_BYTES = 1024
 
-_ONNX_DTYPES = {11: "float64", 1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+_ONNX_DTYPES = {11: "float64", 1: "float32", 3: "int8", 17: "float8e4m3fn", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
 @dataclass
@@ -46,14 +46,19 @@ class ExportOptions:
     guided: bool = True
     opset: int = DEFAULT_OPSET
     encoder: bool = True
+    kv_cache: str = "concat"  # concat (past/present, any TensorRT) | inplace (TensorScatter, opset 24, TensorRT >= 10.15)
 
     def validate(self) -> None:
+        if self.kv_cache not in ("concat", "inplace"):
+            raise ValueError(f"kv_cache must be concat or inplace, got {self.kv_cache!r}")
+        if self.kv_cache == "inplace" and self.opset < 24:
+            raise ValueError("--kv-cache inplace needs opset 24 (ONNX TensorScatter); use --opset 24")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if not 18 <= self.opset <= 23:
-            raise ValueError(f"opset must be in [18, 23], got {self.opset}")
+        if not 18 <= self.opset <= 24:
+            raise ValueError(f"opset must be in [18, 24], got {self.opset}")
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -256,7 +261,7 @@ def _export_into(staging, tokenizer, generator, opts, source, progress, on_graph
 
 def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progress, on_graph) -> Manifest:
     schedule = gen.schedule
-    steps = [GeneratorStepGraph(gen, schedule, i, opts.guided) for i in range(schedule.num_steps)]
+    steps = [GeneratorStepGraph(gen, schedule, i, opts.guided, opts.kv_cache) for i in range(schedule.num_steps)]
     tok_graphs = {"decoder": DecoderGraph(tok)}
     if opts.encoder:
         tok_graphs["encoder"] = EncoderGraph(tok)
@@ -297,7 +302,7 @@ def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progre
             graphs[name] = GraphSpec(name, rel, kind_of(name), _specs(model.graph.input), _specs(model.graph.output),
                                      int(name[4:]) if name.startswith("step") else None)
     return Manifest(
-        precision=opts.precision, batch=opts.batch, guided=opts.guided, opset=opts.opset,
+        precision=opts.precision, batch=opts.batch, guided=opts.guided, opset=opts.opset, kv_cache=opts.kv_cache,
         schedule=schedule.to_dict(), tokenizer=tokenizer.cfg.to_dict(), generator=generator.cfg.to_dict(),
         graphs=graphs, files=files, weights=weights,
         source={**source, "tokenizer_sha256": state_dict_sha256(tokenizer), "generator_sha256": state_dict_sha256(generator)},

@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 
 from restok.models.generator import HARGenerator
-from restok.models.layers import ConcatKV
+from restok.models.layers import ConcatKV, ScatterKV
 from restok.models.tokenizer import ResTok
 from restok.sampling import sample_tokens
 from restok.schedule import HARSchedule
 
 SAMPLING_INPUTS = ("cfg_scale", "temperature", "top_k", "top_p")
+KV_CACHES = ("concat", "inplace")
 
 
 class GeneratorStepGraph(nn.Module):
@@ -28,14 +29,22 @@ class GeneratorStepGraph(nn.Module):
     Outputs: ``next_tokens`` [R, n] (duplicated for the unconditional rows, so it feeds the next pass
     as is), ``logits`` [R, n, V] float32, ``present_key_{l}``/``present_value_{l}`` [R, H, cached+n, hd].
     R = 2B with guidance (rows B.. carry the null class), B without.
+
+    With ``kv_cache="inplace"`` every pass instead takes the whole fixed-size cache ``cache_key_{l}`` /
+    ``cache_value_{l}`` [R, H, seq_len, hd], writes its positions with ONNX TensorScatter and returns it as
+    ``cache_key_out_{l}`` / ``cache_value_out_{l}``: a runtime binds input and output to one buffer, and
+    attention runs over all slots with the unwritten ones masked.
     """
 
-    def __init__(self, gen: HARGenerator, schedule: HARSchedule, index: int, guided: bool):
+    def __init__(self, gen: HARGenerator, schedule: HARSchedule, index: int, guided: bool, kv_cache: str = "concat"):
         super().__init__()
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.gen = gen
         self.schedule = schedule
         self.step = schedule.steps[index]
         self.guided = guided
+        self.kv_cache = kv_cache
 
     @property
     def num_layers(self) -> int:
@@ -43,12 +52,15 @@ class GeneratorStepGraph(nn.Module):
 
     def input_names(self) -> list[str]:
         first = "labels" if self.step.class_input else "tokens"
-        past = [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")] if self.step.cached else []
+        if self.kv_cache == "inplace":
+            past = [f"cache_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+        else:
+            past = [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")] if self.step.cached else []
         return [first, "noise", *SAMPLING_INPUTS, *past]
 
     def output_names(self) -> list[str]:
-        present = [f"present_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
-        return ["next_tokens", "logits", *present]
+        fmt = "cache_{kv}_out_{i}" if self.kv_cache == "inplace" else "present_{kv}_{i}"
+        return ["next_tokens", "logits", *[fmt.format(kv=kv, i=i) for i in range(self.num_layers) for kv in ("key", "value")]]
 
     def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
         st, cfg = self.step, self.gen.cfg
@@ -62,8 +74,11 @@ class GeneratorStepGraph(nn.Module):
         scalars = (torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.9]))
         hd = cfg.dim // cfg.n_head
         kvh = cfg.n_kv_head or cfg.n_head
-        past = tuple(torch.zeros(R, kvh, st.cached, hd, device=dev, dtype=dtype)
-                     for _ in range(2 * self.num_layers)) if st.cached else ()
+        if self.kv_cache == "inplace":
+            past = tuple(torch.zeros(R, kvh, self.schedule.seq_len, hd, device=dev, dtype=dtype) for _ in range(2 * self.num_layers))
+        else:
+            past = tuple(torch.zeros(R, kvh, st.cached, hd, device=dev, dtype=dtype)
+                         for _ in range(2 * self.num_layers)) if st.cached else ()
         return (first, noise, *[t.to(dev) for t in scalars], *past)
 
     def forward(self, first, noise, cfg_scale, temperature, top_k, top_p, *past):
@@ -72,8 +87,13 @@ class GeneratorStepGraph(nn.Module):
             h = self.gen.embed_step(st, None, first)
         else:
             h = self.gen.embed_step(st, first, None)
-        caches = [ConcatKV(past[2 * i], past[2 * i + 1]) if past else ConcatKV() for i in range(self.num_layers)]
-        mask = self.gen._mask(self.schedule, h.device)[st.cached : st.total, : st.total]
+        if self.kv_cache == "inplace":
+            caches = [ScatterKV(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+            # every slot is a key; the unwritten ones (later passes) are masked. 4-D for TensorRT's Attention.
+            mask = self.gen._mask(self.schedule, h.device)[..., st.cached : st.total, :]
+        else:
+            caches = [ConcatKV(past[2 * i], past[2 * i + 1]) if past else ConcatKV() for i in range(self.num_layers)]
+            mask = self.gen._mask(self.schedule, h.device)[..., st.cached : st.total, : st.total]
         logits = self.gen._run(h, slice(st.cached, st.total), mask, caches, st.cached)
         nxt = sample_tokens(logits, noise, cfg_scale=cfg_scale if self.guided else None,
                             temperature=temperature, top_k=top_k, top_p=top_p)

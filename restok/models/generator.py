@@ -141,9 +141,10 @@ class HARGenerator(nn.Module):
         return self._tables[key]
 
     def _mask(self, schedule: HARSchedule, device) -> torch.Tensor:
+        """bool [1, 1, seq_len, seq_len] (4-D, as TensorRT's Attention requires of exported masks)."""
         key = ("mask", schedule, str(device))
         if key not in self._tables:
-            self._tables[key] = torch.from_numpy(schedule.attention_mask).to(device)
+            self._tables[key] = torch.from_numpy(schedule.attention_mask).to(device)[None, None]
         return self._tables[key]
 
     def check_labels(self, labels: torch.Tensor, allow_null: bool = False) -> None:
@@ -219,7 +220,7 @@ class HARGenerator(nn.Module):
         """One inference pass over the KV cache -> logits [B, step.num_new, vocab] (float32)."""
         schedule = schedule or self.schedule
         h = self.embed_step(step, tokens, labels)
-        mask = self._mask(schedule, h.device)[step.cached : step.total, : step.total]
+        mask = self._mask(schedule, h.device)[..., step.cached : step.total, : step.total]
         return self._run(h, slice(step.cached, step.total), mask, caches, step.cached)
 
 

@@ -252,7 +252,7 @@ class ResTokEncoder(nn.Module):
             # level ids: image grids coarse->fine, then the latent blocks; attend iff level(q) >= level(k)
             lv = _level_ids([h * w for h, w in grids] + self.blocks_sizes)
             rope = rope_2d(torch.cat(ids), self.cfg.enc_width // self.cfg.enc_heads, self.cfg.rope_theta)
-            stages.append({"rope": rope, "mask": lv[:, None] >= lv[None, :]})
+            stages.append({"rope": rope, "mask": (lv[:, None] >= lv[None, :])[None, None]})  # 4-D for TensorRT
             grids = [(grids[0][0], grids[0][1] // 2)] + grids
         return stages
 

@@ -20,7 +20,20 @@ import numpy as np
 from restok.manifest import ArtifactError, Manifest
 from restok.runtime.backend import Backend
 
-_NP = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+_NP = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+       "int8": np.int8, "bool": np.bool_}
+
+
+def _np_dtype(name: str):
+    if name in _NP:
+        return np.dtype(_NP[name])
+    if name == "float8e4m3fn":
+        try:
+            import ml_dtypes
+        except ImportError as e:
+            raise ImportError("fp8 weights in low-memory mode need the ml_dtypes package (pip install ml_dtypes)") from e
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    raise ArtifactError(f"unknown tensor type {name!r} in the manifest; re-export with this restok")
 
 
 def _ort():
@@ -59,9 +72,15 @@ class OnnxRuntimeBackend(Backend):
         self.top_p = self._alloc("top_p", (1,), np.float32)
         self.bindings = []
         self.input_sources: list[list[tuple[str, str]]] = []  # per step: (input name, buffer key)
+        inplace = m.kv_cache == "inplace"
+        if inplace:  # one cache buffer per layer and k/v, bound as input and output of every pass
+            for t in m.step_graph(0).inputs:
+                if t.name.startswith("cache_"):
+                    self._alloc(t.name, t.shape, _NP[t.dtype])
         for i in range(self.num_steps):
             g = m.step_graph(i)
-            outs = {t.name: self._alloc(f"s{i}.{t.name}", t.shape, _NP[t.dtype]) for t in g.outputs}
+            outs = {t.name: self._alloc(f"s{i}.{t.name}", t.shape, _NP[t.dtype]) for t in g.outputs
+                    if not t.name.startswith("cache_")}
             b = self.sessions[g.name].io_binding()
             sources = []
             for t in g.inputs:
@@ -88,6 +107,9 @@ class OnnxRuntimeBackend(Backend):
             self.input_sources.append(sources)
             for name in outs:
                 b.bind_ortvalue_output(name, self.vals[f"s{i}.{name}"])
+            for t in g.outputs:
+                if t.name.startswith("cache_"):  # cache_key_out_3 -> the cache_key_3 buffer: in place
+                    b.bind_ortvalue_output(t.name, self.vals[t.name.replace("_out_", "_")])
             self.bindings.append(b)
         # decoder / encoder
         dec = m.graphs["decoder"]
@@ -112,7 +134,7 @@ class OnnxRuntimeBackend(Backend):
             mm = np.memmap(path, dtype=np.uint8, mode="r")
             vals = {}
             for name, info in index.items():
-                dt = np.dtype(_NP[info["dtype"]])
+                dt = _np_dtype(info["dtype"])
                 n = int(np.prod(info["shape"], dtype=np.int64)) * dt.itemsize
                 off = int(info["offset"])
                 if off + n > mm.size:

@@ -97,20 +97,29 @@ class TensorRTBackend(Backend):
         self._pinned("temperature", (1,), np.float32)
         self._pinned("top_k", (1,), np.int64)
         self._pinned("top_p", (1,), np.float32)
+        if m.kv_cache == "inplace":  # one buffer per cache, input and output of every pass: updated in place
+            for t in m.step_graph(0).inputs:
+                if t.name.startswith("cache_"):
+                    self._device(t.name, t.shape, np.dtype(t.dtype))
         for i in range(m.num_steps):
             g = m.step_graph(i)
+            engine = self.engines[g.name]
             for t in g.outputs:
-                self._device(f"s{i}.{t.name}", t.shape, np.dtype(t.dtype))
+                if not t.name.startswith("cache_"):
+                    self._device(f"s{i}.{t.name}", t.shape, np.dtype(t.dtype))
             ctx = self.contexts[g.name]
             for t in g.inputs:
-                src = {"labels": "labels", "noise": f"noise{i}", "cfg_scale": f"cfg{i}"}.get(t.name, t.name)
-                if t.name == "tokens":
-                    src = f"s{i - 1}.next_tokens"
-                elif t.name.startswith("past_"):
-                    src = f"s{i - 1}.present_" + t.name[len("past_"):]
-                self._bind(ctx, t.name, src)
+                self._bind(ctx, t.name, self._source(i, t.name))
             for t in g.outputs:
-                self._bind(ctx, t.name, f"s{i}.{t.name}")
+                if t.name.startswith("cache_"):
+                    src = t.name.replace("_out_", "_")
+                    aliased = getattr(engine, "get_aliased_input_tensor", None)
+                    if aliased is not None and aliased(t.name) != src:
+                        raise CudaError(f"{g.name}: TensorRT did not alias {t.name} to {src} (got {aliased(t.name)!r}); "
+                                        "the in-place KV-cache update needs TensorRT >= 10.15")
+                    self._bind(ctx, t.name, src)
+                else:
+                    self._bind(ctx, t.name, f"s{i}.{t.name}")
         self._pinned("tokens", (B, N), np.int64)  # the decoder's input, gathered on the device
         dec = m.graphs["decoder"]
         self._pinned("images", dec.output("images").shape, np.float32)
@@ -120,6 +129,15 @@ class TensorRTBackend(Backend):
         self._logits_host: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _source(i: int, name: str) -> str:
+        """The buffer bound to input ``name`` of pass i."""
+        if name == "tokens":
+            return f"s{i - 1}.next_tokens"
+        if name.startswith("past_"):
+            return f"s{i - 1}.present_" + name[len("past_"):]
+        return {"labels": "labels", "noise": f"noise{i}", "cfg_scale": f"cfg{i}"}.get(name, name)
+
     def _device_memory(self, engine) -> int:
         return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
 
@@ -231,17 +249,17 @@ class TensorRTBackend(Backend):
         g = self.manifest.graphs[name]
         i = g.step
         for t in g.inputs:
-            key = {"labels": "labels", "noise": f"noise{i}", "cfg_scale": f"cfg{i}"}.get(t.name, t.name)
-            if t.name == "tokens" and g.kind == "generator_step":
-                key = f"s{i - 1}.next_tokens"
-            elif t.name.startswith("past_"):
-                key = f"s{i - 1}.present_" + t.name[len("past_"):]
+            key = self._source(i, t.name) if g.kind == "generator_step" else t.name
             arr = np.ascontiguousarray(feeds[t.name], dtype=self.shapes[key][1])
             self.cuda("cudaMemcpy", self.dev[key], arr.ctypes.data, arr.nbytes, self.cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
         self._execute(name)
         self._sync()
-        prefix = f"s{i}." if g.kind == "generator_step" else ""
-        return {t.name: self._download(prefix + t.name) for t in g.outputs}
+        def key(t):
+            if g.kind != "generator_step":
+                return t.name
+            return t.name.replace("_out_", "_") if t.name.startswith("cache_") else f"s{i}.{t.name}"
+
+        return {t.name: self._download(key(t)) for t in g.outputs}
 
     def step_logits(self, i: int) -> np.ndarray:
         return self._download(f"s{i}.logits").astype(np.float32)

@@ -58,7 +58,8 @@ class TorchBackend(Backend):
         tok, gen = load_source_models(manifest, device)
         self.tok, self.gen = tok.float().eval(), gen.float().eval()
         sched = self.gen.schedule
-        self.steps = [GeneratorStepGraph(self.gen, sched, i, manifest.guided) for i in range(sched.num_steps)]
+        self.steps = [GeneratorStepGraph(self.gen, sched, i, manifest.guided, manifest.kv_cache)
+                      for i in range(sched.num_steps)]
         self.decoder = DecoderGraph(self.tok)
         self.encoder = EncoderGraph(self.tok)
         self.outputs: list[tuple] = [()] * len(self.steps)
@@ -81,10 +82,16 @@ class TorchBackend(Backend):
         }
 
     def step_args(self, i: int) -> tuple:
-        """The inputs of pass i, in graph order, chained from pass i-1's outputs."""
+        """The inputs of pass i, in graph order, chained from pass i-1's outputs (caches or past/present)."""
         x = self._inputs
         first = x["labels"] if i == 0 else self.outputs[i - 1][0]
-        past = self.outputs[i - 1][2:] if i > 0 else ()
+        if i > 0:
+            past = self.outputs[i - 1][2:]
+        elif self.manifest.kv_cache == "inplace":
+            past = tuple(self.torch.zeros(t.shape, dtype=self.torch.float32, device=self.device)
+                         for t in self.manifest.step_graph(0).inputs if t.name.startswith("cache_"))
+        else:
+            past = ()
         return (first, x["noise"][i], x["cfg"][i], x["temperature"], x["top_k"], x["top_p"], *past)
 
     def run_step(self, i: int) -> None:

@@ -101,6 +101,7 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
         pair = [x / y for x, y in zip(samples[ref]["e2e"], samples[name]["e2e"])]
         sp["end_to_end_paired_median"] = round(float(np.median(pair)), 3)
         sp["same_tokens"] = bool(np.array_equal(tokens[ref], tokens[name]))
+        sp["token_agreement"] = round(float(np.mean(tokens[ref] == tokens[name])), 4)  # < 1 for quantized graphs
         out["speedup_vs_reference"][name] = sp
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for p in pipes.values():

@@ -48,7 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser, export_opts: bool = True) -> Non
         e.add_argument("--no-encoder", action="store_true", help="skip the tokenizer encoder graph")
         e.add_argument("--kv-cache", choices=("concat", "inplace"), default="concat",
                        help="concat: past/present KV per pass (any TensorRT 10.x; default); inplace: one fixed-size "
-                            "cache updated with ONNX TensorScatter (opset 24; TensorRT >= 10.15 updates it in place)")
+                            "cache updated with ONNX TensorScatter (opset 24; TensorRT >= 10.15 updates it in place), "
+                            "plus past/present step graphs sharing its weights that older TensorRT builds instead")
+        e.add_argument("--no-concat-fallback", action="store_true",
+                       help="with --kv-cache inplace: skip the past/present fallback graphs (TensorRT >= 10.15 only)")
 
 
 def _add_artifacts_arg(p: argparse.ArgumentParser) -> None:
@@ -163,8 +166,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                      "Runtime against the FP32 artifacts (token agreement, decoded PSNR). A failed "
                                      "gate writes nothing and exits 1.")
     cal.add_argument("--artifacts", required=True, metavar="DIR", help="FP32 artifacts (restok export)")
-    cal.add_argument("--precision", required=True, choices=("int8", "fp8", "int8-weight-only"),
-                     help="int8 (W8A8), fp8 (E4M3 W8A8) or int8-weight-only")
+    cal.add_argument("--precision", required=True, choices=("int8", "fp8", "int8-weight-only", "int8-dynamic"),
+                     help="int8 (W8A8), fp8 (E4M3 W8A8), int8-weight-only (these three: Q/DQ for TensorRT), or "
+                          "int8-dynamic (ONNX Runtime CPU only: int8 GEMMs with per-call activation ranges, "
+                          "no calibration data; the fast CPU path)")
     cal.add_argument("--samples", type=int, default=32, help="calibration generations (default 32)")
     cal.add_argument("--classes", type=int, nargs="+", help="calibration class ids (default: all, cycled)")
     cal.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (kept in FP32 by default)")
@@ -266,7 +271,8 @@ def _export_options(args):
     return ExportOptions(precision=getattr(args, "precision", "fp32"), batch=getattr(args, "batch", 1) or 1,
                          guided=not getattr(args, "no_cfg", False),
                          opset=getattr(args, "opset", None) or (24 if kv == "inplace" else DEFAULT_OPSET),
-                         encoder=not getattr(args, "no_encoder", False), kv_cache=kv)
+                         encoder=not getattr(args, "no_encoder", False), kv_cache=kv,
+                         concat_fallback=not getattr(args, "no_concat_fallback", False))
 
 
 def _cache_root() -> Path:
@@ -437,11 +443,11 @@ def cmd_bench(args) -> dict:
 
 def cmd_build(args) -> dict:
     from restok.engines.builder import BuildOptions, EngineError, build_engines
-    from restok.manifest import Manifest
+    from restok.manifest import QUANTIZED, Manifest
 
     m = Manifest.read(args.artifacts)
     if args.precision and args.precision != m.precision:
-        how = "restok calibrate --precision" if args.precision in ("int8", "fp8", "int8-weight-only") else "restok export --precision"
+        how = "restok calibrate --precision" if args.precision in QUANTIZED else "restok export --precision"
         if args.precision == "bf16":
             raise CLIError("bf16 graphs are not exported yet; use fp16 (or fp32)")
         raise CLIError(f"{args.artifacts} holds {m.precision} graphs, not {args.precision}; make them with {how} {args.precision}")

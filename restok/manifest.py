@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from restok.fileutil import atomic_write_bytes
@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VERIFIED_CACHE = ".restok-verified.json"
 PRECISIONS = ("fp32", "fp16")  # what restok export writes
-QUANTIZED = ("int8", "fp8", "int8-weight-only")  # what restok calibrate writes
+QUANTIZED = ("int8", "fp8", "int8-weight-only", "int8-dynamic")  # what restok calibrate writes
 
 __all__ = [
     "ArtifactError",
@@ -123,6 +123,9 @@ class Manifest:
     tools: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # for Q/DQ artifacts: method, samples, exclusions, quality
     kv_cache: str = "concat"  # concat: past_*/present_* per pass; inplace: one cache_* buffer updated in place
+    # inplace exports also carry past/present step graphs for TensorRT < 10.15:
+    # {"kv_cache": "concat", "opset": 20, "graphs": {"step0": GraphSpec dict, ...}} (same weights.bin)
+    fallback: dict = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -158,6 +161,17 @@ class Manifest:
     def num_tokens(self) -> int:
         return int(self.generator["block_size"])
 
+    def kv_cache_view(self, mode: str) -> "Manifest":
+        """This export seen with the ``mode`` KV-cache step graphs: itself, or its fallback graph set."""
+        if mode == self.kv_cache:
+            return self
+        fb = self.fallback
+        if fb.get("kv_cache") != mode:
+            raise ArtifactError(f"these artifacts hold {self.kv_cache} KV-cache step graphs and no {mode} set; "
+                                f"re-export with --kv-cache {mode}")
+        graphs = {**self.graphs, **{k: GraphSpec.from_dict(g) for k, g in fb["graphs"].items()}}
+        return replace(self, graphs=graphs, kv_cache=mode, opset=int(fb["opset"]), fallback={})
+
     # --------------------------------------------------------------------- I/O
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -181,6 +195,7 @@ class Manifest:
             raise ArtifactError(f"{where} is incomplete ({e}); re-export the artifacts") from e
         return cls(graphs=graphs, files=d.get("files", {}), weights=d.get("weights", {}), source=d.get("source", {}),
                    tools=d.get("tools", {}), calibration=d.get("calibration", {}), kv_cache=d.get("kv_cache", "concat"),
+                   fallback=d.get("fallback", {}),
                    created=d.get("created", ""),
                    schema_version=v, **fields_)
 
@@ -212,7 +227,7 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifacts") from e
         m = cls.from_dict(d, str(path))
-        for g in m.graphs.values():
+        for g in [*m.graphs.values(), *(GraphSpec.from_dict(x) for x in m.fallback.get("graphs", {}).values())]:
             if g.file not in m.files:
                 raise ArtifactError(f"{path}: graph {g.name} file {g.file} is not listed in files; re-export")
         if verify:

@@ -86,8 +86,9 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     folder = Path(folder)
     m = Manifest.read(folder)
     th = thresholds or ParityThresholds.for_backend(backend, m.precision)
-    ref = create_backend("torch", folder, m, threads, device=device)
     ort = create_backend(backend, folder, m, threads, low_memory=low_memory)
+    m = ort.manifest  # TensorRT < 10.15 runs an in-place export's past/present graphs: compare those
+    ref = create_backend("torch", folder, m, threads, device=device)
     pref, port = Pipeline(folder, ref, manifest=m), Pipeline(folder, ort, manifest=m)
     pg_dir = polygraphy_dir or folder / "polygraphy"
     report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "batch": m.batch, "guided": m.guided,

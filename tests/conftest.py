@@ -43,5 +43,6 @@ def tiny_artifacts_inplace(tmp_path_factory):
     from restok.cli import main
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny_inplace_b2"
-    assert main(["export", "--preset", "tiny", "--batch", "2", "--kv-cache", "inplace", "--out", str(out)]) == 0
+    assert main(["export", "--preset", "tiny", "--batch", "2", "--kv-cache", "inplace", "--no-encoder",
+                 "--out", str(out)]) == 0
     return out

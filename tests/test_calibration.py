@@ -112,3 +112,35 @@ def test_calibration_needs_fp32(tiny_artifacts_fp16, tmp_path):
 
     with pytest.raises(ArtifactError, match="starts from fp32"):
         calibrate(tiny_artifacts_fp16, tmp_path / "x", CalibrationOptions(precision="int8"))
+
+
+def test_int8_dynamic_for_onnxruntime(tiny_artifacts, tmp_path):
+    """The CPU path: linear layers become DynamicQuantizeMatMul (int8 weights, per-call activation ranges);
+    the LM head and the attention BMMs stay FP32; TensorRT refuses the artifacts with what to do instead."""
+    from restok.engines.builder import EngineError, tensorrt_manifest
+    from restok.engines.lint import lint_artifacts
+
+    out = tmp_path / "dyn"
+    r = calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8-dynamic", **PERMISSIVE), threads=1)
+    m = Manifest.read(out)
+    assert m.precision == "int8-dynamic" and m.calibration["method"].startswith("dynamic")
+    assert m.calibration["samples"] == 0  # nothing traced: ranges are measured per call
+    model = onnx.load(str(out / m.step_graph(4).file))
+    inits = {t.name: t for t in model.graph.initializer}
+    dyn = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(dyn) == 5 * 4 and all(n.domain == "com.microsoft" for n in dyn)
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[2]].dims) == 1 for n in dyn)
+    fp32_mm = [tuple(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert fp32_mm == [(128, 1024)]  # the LM head
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    # close to FP32 on real pass inputs, but not identical (it did quantize), with logits that vary
+    q = r["quality"]
+    for s in q["steps"]:
+        assert s["logits_std"] > 0.1
+        assert 0 < s["logits_max_abs_error"] < 0.5 * s["logits_std"], s
+        assert s["logits_mean_abs_error"] < 0.05 * s["logits_std"], s
+    # random weights: near-uniform logits flip easily (the trained bundled model measures 95% / 58 dB)
+    assert q["decoder_psnr_db"] > 25 and q["token_agreement"] > 0.5
+    with pytest.raises(EngineError, match="calibrate --precision int8"):
+        tensorrt_manifest(m, "10.15.1")
+    assert any("custom domain" in e for rep in lint_artifacts(out).values() for e in rep.errors)

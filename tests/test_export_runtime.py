@@ -213,3 +213,14 @@ def test_inplace_kv_cache(tiny_artifacts_inplace, tiny_artifacts):
     assert "cache_key_0" in p.backend.buf and not any(k.endswith("cache_key_out_0") for k in p.backend.buf)
     again = p.generate([1, 2], seed=3)  # stale slots from the previous image are masked
     assert np.array_equal(again.tokens, a.tokens)
+    # the past/present fallback set (for TensorRT < 10.15) shares weights.bin and draws the same tokens
+    fb = m.kv_cache_view("concat")
+    assert fb.kv_cache == "concat" and fb.opset == 20 and set(fb.graphs) == set(m.graphs)
+    st = m.har_schedule().steps[4]
+    assert fb.step_graph(4).input("past_key_0").shape == (4, 4, st.cached, 32)
+    assert all(f"generator/step{i}.concat.onnx" in m.files for i in range(9))
+    size = lambda d: (d / "generator" / "weights.bin").stat().st_size  # noqa: E731
+    assert size(tiny_artifacts_inplace) < 1.05 * size(tiny_artifacts)  # no second copy of the weights
+    c = Pipeline(tiny_artifacts_inplace, manifest=fb)
+    assert "s4.present_key_0" in c.backend.buf and "cache_key_0" not in c.backend.buf
+    assert np.array_equal(c.generate([1, 2], seed=3).tokens, a.tokens)

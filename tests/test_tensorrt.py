@@ -37,6 +37,8 @@ NO_GPU = _has_trt_gpu()
 def test_lint_passes_on_our_exports(request, which):
     reports = lint_artifacts(request.getfixturevalue(which))
     assert set(reports) >= {f"step{i}" for i in range(9)} | {"decoder"}
+    if which == "tiny_artifacts_inplace":  # the past/present fallback set is linted too
+        assert set(reports) >= {f"step{i}.concat" for i in range(9)}
     for name, r in reports.items():
         assert r.ok, (name, r.errors[:5])
         assert "TopK" not in r.ops and "If" not in r.ops and "Loop" not in r.ops
@@ -151,12 +153,21 @@ def test_tensorrt_engines_match_the_reference(tiny_artifacts_fp16):
 
 
 def test_tensorrt_version_gates(tiny_artifacts, tiny_artifacts_inplace):
-    from restok.engines.builder import require_support
+    import dataclasses
+
+    from restok.engines.builder import tensorrt_manifest
 
     inplace = Manifest.read(tiny_artifacts_inplace)
+    assert tensorrt_manifest(inplace, "10.15.1") is inplace
+    # older TensorRT 10.x: the export's past/present set, with a warning that names the version
+    with pytest.warns(UserWarning, match="TensorRT 10.3.0 has no in-place KV-cache update"):
+        fb = tensorrt_manifest(inplace, "10.3.0")
+    assert fb.kv_cache == "concat" and fb.opset == 20 and fb.step_graph(0).file == "generator/step0.concat.onnx"
+    assert build_key(fb, "10.3.0", GPU)["kv_cache"] == "concat"
+    bare = dataclasses.replace(inplace, fallback={})
     with pytest.raises(EngineError, match="TensorRT 10.3.0 cannot parse the in-place KV cache.*--kv-cache concat"):
-        require_support(inplace, "10.3.0")
-    require_support(inplace, "10.15.1")
-    require_support(Manifest.read(tiny_artifacts), "10.3.0")  # past/present graphs: any TensorRT 10.x
+        tensorrt_manifest(bare, "10.3.0")
+    concat = Manifest.read(tiny_artifacts)
+    assert tensorrt_manifest(concat, "10.3.0") is concat  # past/present graphs: any TensorRT 10.x
     with pytest.raises(EngineError, match="too old"):
-        require_support(Manifest.read(tiny_artifacts), "8.6.1")
+        tensorrt_manifest(concat, "8.6.1")

@@ -1,5 +1,8 @@
 """``restok calibrate``: INT8 / FP8 / weight-only INT8 Q/DQ artifacts from FP32 artifacts, with a quality gate.
 
+``int8-dynamic`` is the CPU variant: no traces, the linear layers become ONNX Runtime
+DynamicQuantizeMatMul nodes (activation ranges measured per call), for ONNX Runtime only.
+
 1. Traces: the FP32 pipeline (ONNX Runtime) generates images for the calibration class labels with the
    usual sampling; every pass's inputs and the decoder's input tokens are recorded.
 2. Ranges: each graph runs on its recorded inputs with the activations of its linear ops as extra
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from restok.calibration.qdq import insert_qdq, plan_graph
+from restok.calibration.qdq import insert_dynamic, insert_qdq, plan_graph
 from restok.fileutil import replace_dir, staging_dir
 from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest
 from restok.runtime.pipeline import Pipeline, SamplingParams
@@ -31,7 +34,7 @@ from restok.runtime.pipeline import Pipeline, SamplingParams
 
 @dataclass
 class CalibrationOptions:
-    precision: str = "int8"  # int8 | fp8 | int8-weight-only
+    precision: str = "int8"  # int8 | fp8 | int8-weight-only | int8-dynamic (ONNX Runtime CPU only)
     samples: int = 32  # calibration images (class labels cycle through ``classes``)
     classes: tuple[int, ...] = ()  # default: all classes
     seed: int = 1234
@@ -128,6 +131,7 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
 
     kind = "fp8" if opts.precision == "fp8" else "int8"
     weights_only = opts.precision == "int8-weight-only"
+    dynamic = opts.precision == "int8-dynamic"
     (dst / folder).mkdir(parents=True, exist_ok=True)
     wf = WeightsFile(dst / folder / "weights.bin")
     report = {}
@@ -140,10 +144,10 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
                 plan = plan_graph(model, m.vocab_size if name.startswith("step") else None, opts.quantize_head,
                                   opts.exclude_nodes, opts.exclude_ops)
                 acts = sorted(set(plan.activations[n] for n in plan.quantize))
-                amax = None if weights_only else activation_ranges(model, src / folder, acts, traces[name], threads)
+                amax = None if weights_only or dynamic else activation_ranges(model, src / folder, acts, traces[name], threads)
             onnx.load_external_data_for_model(model, str(src / folder))
             if quantize:
-                report[name] = insert_qdq(model, plan, amax, kind, weights_only)
+                report[name] = insert_dynamic(model, plan) if dynamic else insert_qdq(model, plan, amax, kind, weights_only)
             wf.externalize(model, "weights.bin")
             wf.f.flush()
             onnx.save(model, str(dst / g.file))
@@ -205,24 +209,33 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
 
     ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m, low_memory=low_memory)
     labels = _labels(opts.classes, opts.samples, m.num_classes)
-    print(f"restok calibrate: tracing {len(labels)} FP32 generations", file=sys.stderr)
-    traces = collect_traces(ref, labels, sampling, opts.seed)
+    dynamic = opts.precision == "int8-dynamic"
+    if dynamic:  # ranges are measured per call at run time: nothing to trace
+        labels, traces = [], {}
+    else:
+        print(f"restok calibrate: tracing {len(labels)} FP32 generations", file=sys.stderr)
+        traces = collect_traces(ref, labels, sampling, opts.seed)
     stage = staging_dir(out)
     try:
-        print(f"restok calibrate: {opts.precision} Q/DQ graphs", file=sys.stderr)
+        print(f"restok calibrate: {opts.precision} graphs", file=sys.stderr)
         steps = [f"step{i}" for i in range(m.num_steps)]
         rep_g, idx_g = _quantize_folder(src, stage, m, "generator", steps, traces, opts, threads)
         tok_names = [n for n in ("decoder", "encoder") if n in m.graphs]
         rep_t, idx_t = _quantize_folder(src, stage, m, "tokenizer", tok_names, traces, opts, threads)
         nm = Manifest.from_dict(m.to_dict())
         nm.precision = opts.precision
+        nm.fallback = {}  # the past/present set of an in-place export is not quantized: calibrate a concat export for it
         nm.weights = {"generator/weights.bin": idx_g, "tokenizer/weights.bin": idx_t}
         nm.files = {rel: {} for rel in [*(g.file for g in nm.graphs.values()), "generator/weights.bin", "tokenizer/weights.bin"]}
         nm.tools = {**m.tools, "onnx": onnx.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                     "quantizer": "restok.calibration.qdq"}
         nm.calibration = {
-            "precision": opts.precision, "method": "max" if opts.precision != "int8-weight-only" else "weights only",
-            "scheme": "symmetric; per-channel weights; per-tensor activations",
+            "precision": opts.precision,
+            "method": {"int8-weight-only": "weights only", "int8-dynamic": "dynamic (activation range per call)"}.get(
+                opts.precision, "max"),
+            "scheme": ("int8 symmetric per-channel weights; uint8 per-tensor activations quantized per call "
+                       "(ONNX Runtime DynamicQuantizeMatMul; CPU only, not TensorRT)") if dynamic else
+                      "symmetric; per-channel weights; per-tensor activations",
             "samples": len(labels), "classes": sorted(set(labels)), "seed": opts.seed,
             "sampling": sampling.__dict__, "from": str(src.resolve()), "from_sha256": {k: v["sha256"] for k, v in m.files.items()},
             "graphs": {**rep_g, **rep_t},

@@ -162,3 +162,48 @@ def insert_qdq(model, plan: QuantPlan, act_amax: dict[str, float] | None, kind: 
     g.initializer.extend(keep)
     return {"quantized_nodes": len(plan.quantize), "weight_dq": n_w, "activation_qdq": n_a,
             "excluded": dict(plan.excluded)}
+
+
+def insert_dynamic(model, plan: QuantPlan, min_k: int = 32) -> dict:
+    """ONNX Runtime's CPU int8 path: MatMul(x, W) -> com.microsoft DynamicQuantizeMatMul(x, W_q, scale[N]).
+
+    Weights are int8 symmetric per output channel; ONNX Runtime quantizes the activation per call (uint8,
+    per tensor) and runs its integer GEMM (AMX / VNNI where the CPU has them), which is several times the
+    FP32 GEMM rate. No calibration data is needed. TensorRT cannot parse the contrib op: these artifacts
+    are for ONNX Runtime only (``restok build`` refuses them). Only MatMul with a [K, N] initializer weight
+    is rewritten; Gemm/Conv and tiny inner dimensions (K < ``min_k``) stay FP32."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    done = []
+    for name in list(plan.quantize):
+        node = nodes[name]
+        w_init = inits[node.input[1]]
+        if node.op_type != "MatMul" or len(w_init.dims) != 2:
+            plan.excluded[name] = f"{node.op_type} {list(w_init.dims)}: int8-dynamic rewrites 2-D MatMul weights only"
+            continue
+        if w_init.dims[0] < min_k:
+            plan.excluded[name] = f"inner dimension {w_init.dims[0]} < {min_k}: nothing to gain"
+            continue
+        wname = node.input[1]
+        qn, sn = f"{wname}_q", f"{wname}_scale"
+        if qn not in inits:
+            q, scale = _quantize_weight(numpy_helper.to_array(w_init).astype(np.float32), 1, "int8")
+            for arr, nm in ((q, qn), (scale, sn)):
+                t = numpy_helper.from_array(arr, nm)
+                g.initializer.append(t)
+                inits[nm] = t
+        new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], qn, sn], list(node.output),
+                               name=name, domain="com.microsoft")
+        node.CopyFrom(new)
+        done.append(name)
+    plan.quantize[:] = done
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return {"quantized_nodes": len(done), "weight_dq": 0, "activation_qdq": 0, "excluded": dict(plan.excluded)}

@@ -18,6 +18,7 @@ import datetime
 import json
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,17 +113,29 @@ def check_engines(folder: Path, m: Manifest, trt_version: str, gpu: dict) -> Pat
     return d
 
 
-def require_support(m: Manifest, trt_version: str) -> None:
-    """Refuse graphs this TensorRT cannot parse, saying which export works instead."""
+def tensorrt_manifest(m: Manifest, trt_version: str) -> Manifest:
+    """The graphs this TensorRT builds: the export itself, or for an in-place KV-cache export on TensorRT
+    < 10.15 its past/present fallback set (with a warning naming the version). Anything this TensorRT
+    cannot parse is refused, saying which export works instead."""
+    if m.precision == "int8-dynamic":
+        raise EngineError("int8-dynamic artifacts use ONNX Runtime's DynamicQuantizeMatMul, which TensorRT cannot parse; "
+                          "for TensorRT make Q/DQ artifacts with restok calibrate --precision int8 (or fp8)")
     v = _version_tuple(trt_version)
     if v < (10, 0):
         raise EngineError(f"TensorRT {trt_version} is too old: restok builds with TensorRT 10.x or 11.x")
     if m.kv_cache == "inplace" and v < (10, 15):
-        raise EngineError(
-            f"TensorRT {trt_version} cannot parse the in-place KV cache (ONNX TensorScatter needs TensorRT >= 10.15); "
-            "re-export with --kv-cache concat (the past/present graphs run on any TensorRT 10.x)")
+        if m.fallback.get("kv_cache") != "concat":
+            raise EngineError(
+                f"TensorRT {trt_version} cannot parse the in-place KV cache (ONNX TensorScatter needs TensorRT >= 10.15) "
+                "and these artifacts carry no past/present fallback graphs; re-export with --kv-cache concat")
+        msg = (f"TensorRT {trt_version} has no in-place KV-cache update (needs >= 10.15): using the past/present "
+               "step graphs of this export instead (the KV cache is copied between passes)")
+        warnings.warn(msg, stacklevel=2)
+        print(f"restok: warning: {msg}", file=sys.stderr)
+        m = m.kv_cache_view("concat")
     if m.opset > 24 or (m.opset > 20 and v < (10, 12)):
         raise EngineError(f"TensorRT {trt_version} may not parse opset {m.opset}; re-export with --opset 20")
+    return m
 
 
 def step_profiles(m: Manifest) -> dict[str, dict[str, tuple]]:
@@ -160,7 +173,7 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> Pa
     folder = Path(folder)
     m = Manifest.read(folder)
     trt = import_tensorrt()
-    require_support(m, trt.__version__)
+    m = tensorrt_manifest(m, trt.__version__)
     gpu = gpu_identity()
     try:
         return check_engines(folder, m, trt.__version__, gpu)

@@ -191,4 +191,7 @@ def lint_artifacts(folder: str | Path) -> dict[str, LintReport]:
 
     folder = Path(folder)
     m = Manifest.read(folder, verify=False)
-    return {name: lint_file(folder / g.file) for name, g in m.graphs.items()}
+    reports = {name: lint_file(folder / g.file) for name, g in m.graphs.items()}
+    for name, g in m.fallback.get("graphs", {}).items():  # the past/present set for TensorRT < 10.15
+        reports[f"{name}.{m.fallback['kv_cache']}"] = lint_file(folder / g["file"])
+    return reports

@@ -33,6 +33,7 @@ from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 
 DEFAULT_OPSET = 20
+FALLBACK_OPSET = 20  # the past/present fallback of an inplace export: parsed by every TensorRT 10.x
 ALIGN = 4096  # external-data offsets, so the weights file can be memory-mapped
 MIN_EXTERNAL_BYTES = 1024
 
@@ -47,6 +48,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     encoder: bool = True
     kv_cache: str = "concat"  # concat (past/present, any TensorRT) | inplace (TensorScatter, opset 24, TensorRT >= 10.15)
+    # inplace only: also write past/present step graphs (opset 20, same weights.bin) for TensorRT < 10.15
+    concat_fallback: bool = True
 
     def validate(self) -> None:
         if self.kv_cache not in ("concat", "inplace"):
@@ -261,18 +264,24 @@ def _export_into(staging, tokenizer, generator, opts, source, progress, on_graph
 
 def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progress, on_graph) -> Manifest:
     schedule = gen.schedule
-    steps = [GeneratorStepGraph(gen, schedule, i, opts.guided, opts.kv_cache) for i in range(schedule.num_steps)]
+    # (graph name, module, opset): the step graphs, then the past/present fallback set of an inplace export
+    steps = [(f"step{i}", GeneratorStepGraph(gen, schedule, i, opts.guided, opts.kv_cache), opts.opset)
+             for i in range(schedule.num_steps)]
+    fallback = opts.kv_cache == "inplace" and opts.concat_fallback
+    if fallback:
+        steps += [(f"step{i}.concat", GeneratorStepGraph(gen, schedule, i, opts.guided, "concat"), FALLBACK_OPSET)
+                  for i in range(schedule.num_steps)]
     tok_graphs = {"decoder": DecoderGraph(tok)}
     if opts.encoder:
         tok_graphs["encoder"] = EncoderGraph(tok)
     graphs: dict[str, GraphSpec] = {}
     bar = _progress(len(steps) + len(tok_graphs), "exporting") if progress else None
     try:
-        for i, m in enumerate(steps):
+        for name, m, opset in steps:
             _export_onnx(m, m.example_inputs(opts.batch), m.input_names(), m.output_names(),
-                         staging / "generator" / f"step{i}.raw.onnx", opts.opset)
+                         staging / "generator" / f"{name}.raw.onnx", opset)
             if on_graph:
-                on_graph(f"step{i}")
+                on_graph(name)
             if bar:
                 bar.update(1)
         for name, m in tok_graphs.items():
@@ -287,9 +296,9 @@ def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progre
             bar.close()
     import onnx
 
-    files, weights = {}, {}
+    files, weights, fallback_graphs = {}, {}, {}
     for folder, names, kind_of in (
-        ("generator", [f"step{i}" for i in range(len(steps))], lambda n: "generator_step"),
+        ("generator", [name for name, _, _ in steps], lambda n: "generator_step"),
         ("tokenizer", list(tok_graphs), lambda n: n),
     ):
         finished, index = _finish_graphs(staging, folder, names)
@@ -299,10 +308,16 @@ def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progre
             model = onnx.load(str(path), load_external_data=False)
             rel = f"{folder}/{name}.onnx"
             files[rel] = {}
-            graphs[name] = GraphSpec(name, rel, kind_of(name), _specs(model.graph.input), _specs(model.graph.output),
-                                     int(name[4:]) if name.startswith("step") else None)
+            key = name.split(".")[0]  # step3.concat -> step3
+            spec = GraphSpec(key, rel, kind_of(name), _specs(model.graph.input), _specs(model.graph.output),
+                             int(key[4:]) if key.startswith("step") else None)
+            if name.endswith(".concat"):
+                fallback_graphs[key] = spec.to_dict()
+            else:
+                graphs[key] = spec
     return Manifest(
         precision=opts.precision, batch=opts.batch, guided=opts.guided, opset=opts.opset, kv_cache=opts.kv_cache,
+        fallback={"kv_cache": "concat", "opset": FALLBACK_OPSET, "graphs": fallback_graphs} if fallback_graphs else {},
         schedule=schedule.to_dict(), tokenizer=tokenizer.cfg.to_dict(), generator=generator.cfg.to_dict(),
         graphs=graphs, files=files, weights=weights,
         source={**source, "tokenizer_sha256": state_dict_sha256(tokenizer), "generator_sha256": state_dict_sha256(generator)},

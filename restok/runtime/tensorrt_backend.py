@@ -57,10 +57,11 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, **_):
-        super().__init__(folder, manifest, threads)
-        from restok.engines.builder import check_engines, gpu_identity, import_tensorrt
+        from restok.engines.builder import check_engines, gpu_identity, import_tensorrt, tensorrt_manifest
 
         trt = import_tensorrt()
+        manifest = tensorrt_manifest(manifest, trt.__version__)  # the past/present set on TensorRT < 10.15
+        super().__init__(folder, manifest, threads)
         self.trt = trt
         self.cuda = _Cuda()
         cu = self.cuda

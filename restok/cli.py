@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch", type=int, nargs="+", help="assert the artifacts' batch")
     bd.add_argument("--workspace", type=float, default=8.0, metavar="GB", help="builder workspace limit (default 8)")
     bd.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
-    bd.add_argument("--timing-cache", metavar="PATH", default="", help="timing cache (default ARTIFACTS/engines/timing.cache)")
+    bd.add_argument("--timing-cache", metavar="PATH", default="", help="timing cache (default: next to the engines, one per TensorRT version and GPU)")
     bd.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     bd.set_defaults(func=cmd_build)
 

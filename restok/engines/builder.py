@@ -121,8 +121,8 @@ def tensorrt_manifest(m: Manifest, trt_version: str) -> Manifest:
         raise EngineError("int8-dynamic artifacts use ONNX Runtime's DynamicQuantizeMatMul, which TensorRT cannot parse; "
                           "for TensorRT make Q/DQ artifacts with restok calibrate --precision int8 (or fp8)")
     v = _version_tuple(trt_version)
-    if v < (10, 0):
-        raise EngineError(f"TensorRT {trt_version} is too old: restok builds with TensorRT 10.x or 11.x")
+    if v < (10, 3):  # user-managed context memory (set_device_memory with a size) arrived in 10.1; we test from 10.3
+        raise EngineError(f"TensorRT {trt_version} is too old: restok builds with TensorRT >= 10.3 (10.x or 11.x)")
     if m.kv_cache == "inplace" and v < (10, 15):
         if m.fallback.get("kv_cache") != "concat":
             raise EngineError(
@@ -153,7 +153,7 @@ class _Progress:
                 trt.IProgressMonitor.__init__(self)
                 self.last = ""
 
-            def phase_start(self, parent_phase, phase_name, num_steps):
+            def phase_start(self, phase_name, parent_phase, num_steps):  # TensorRT's argument order
                 if parent_phase is None:
                     print(f"  {label}: {phase_name}", file=sys.stderr)
 
@@ -184,7 +184,8 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> Pa
     (d / BUILD_INFO).unlink(missing_ok=True)  # engines without a matching build.json are never used
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    tc_path = Path(opts.timing_cache) if opts.timing_cache else folder / "engines" / "timing.cache"
+    # a timing cache is only valid for one GPU, CUDA and TensorRT version: keep it with the engines
+    tc_path = Path(opts.timing_cache) if opts.timing_cache else d / "timing.cache"
     major = int(trt.__version__.split(".")[0])
     layers = {}
     for name, g in m.graphs.items():
@@ -203,7 +204,10 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> Pa
         if hasattr(config, "progress_monitor"):
             config.progress_monitor = _Progress.make(trt, name)
         cache = config.create_timing_cache(tc_path.read_bytes() if tc_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            print(f"restok build: {tc_path} does not fit this TensorRT/GPU; starting a new timing cache", file=sys.stderr)
+            if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+                raise EngineError("TensorRT refused an empty timing cache")
         print(f"restok build: {name} ({g.file})", file=sys.stderr)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
@@ -213,10 +217,13 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> Pa
             tmp.write_bytes(bytes(plan))
         atomic_write_bytes(tc_path, bytes(config.get_timing_cache().serialize()))
         engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
+        if engine is None:
+            raise EngineError(f"TensorRT built {name} but cannot deserialize it; see the messages above")
         inspector = engine.create_engine_inspector()
         info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         atomic_write_bytes(d / f"{name}.layers.json", info.encode() if isinstance(info, str) else bytes(info))
         layers[name] = engine.num_layers
+        del inspector, engine, plan, network, parser, config  # free this engine's memory before the next build
     doc = {"key": build_key(m, trt.__version__, gpu), "options": asdict(opts), "layers": layers,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_bytes(d / BUILD_INFO, (json.dumps(doc, indent=2) + "\n").encode())

@@ -126,7 +126,7 @@ class TensorRTBackend(Backend):
         self._pinned("images", dec.output("images").shape, np.float32)
         self._bind(self.contexts["decoder"], "tokens", "tokens")
         self._bind(self.contexts["decoder"], "images", "images")
-        self.graph_exec = None
+        self.graph_exec: dict[bool, object] = {}  # decode -> instantiated CUDA graph
         self._logits_host: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ setup
@@ -140,7 +140,8 @@ class TensorRTBackend(Backend):
         return {"labels": "labels", "noise": f"noise{i}", "cfg_scale": f"cfg{i}"}.get(name, name)
 
     def _device_memory(self, engine) -> int:
-        return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+        v = getattr(engine, "device_memory_size_v2", None)  # TensorRT 11 has only the _v2 form
+        return int(v if v is not None else engine.device_memory_size)
 
     def _device(self, key: str, shape, dtype) -> int:
         nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
@@ -202,17 +203,24 @@ class TensorRTBackend(Backend):
     def _sync(self) -> None:
         self.cuda("cudaStreamSynchronize", self.stream)
 
-    def capture(self) -> None:
-        """Warm up once, then capture the whole image into one CUDA graph."""
-        self._enqueue_all(decode=True)
+    def capture(self, decode: bool = True) -> None:
+        """Warm up once, then capture the whole image (with or without decoding) into one CUDA graph."""
+        self._enqueue_all(decode=decode)
         self._sync()
         rt = self.cuda.rt
         self.cuda("cudaStreamBeginCapture", self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         try:
-            self._enqueue_all(decode=True)
+            self._enqueue_all(decode=decode)
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(self.stream)  # unchecked: the capture is void, report the cause
+            if int(err) == 0 and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        graph = self.cuda("cudaStreamEndCapture", self.stream)
+        try:
+            self.graph_exec[decode] = self.cuda("cudaGraphInstantiate", graph, 0)
         finally:
-            graph = self.cuda("cudaStreamEndCapture", self.stream)
-        self.graph_exec = self.cuda("cudaGraphInstantiate", graph, 0)
+            self.cuda("cudaGraphDestroy", graph)
 
     # ------------------------------------------------------------------- run
     def set_inputs(self, labels, noise, cfg_scales, temperature, top_k, top_p) -> None:
@@ -229,9 +237,9 @@ class TensorRTBackend(Backend):
 
     def run_fused(self, decode: bool = True):
         """The whole image as one CUDA-graph replay -> (tokens [B, N], images or None)."""
-        if self.graph_exec is None:
-            self.capture()
-        self.cuda("cudaGraphLaunch", self.graph_exec, self.stream)
+        if decode not in self.graph_exec:
+            self.capture(decode)
+        self.cuda("cudaGraphLaunch", self.graph_exec[decode], self.stream)
         self._sync()
         return np.array(self.host["tokens"]), (np.array(self.host["images"]) if decode else None)
 
@@ -274,10 +282,19 @@ class TensorRTBackend(Backend):
         return np.array(self.host["images"])
 
     def close(self) -> None:
+        if getattr(self, "scratch", None) is None:  # closed already, or never opened
+            return
+        self._sync()
+        for g in self.graph_exec.values():
+            self.cuda("cudaGraphExecDestroy", g)
+        self.graph_exec.clear()
+        self.contexts.clear()  # before the memory they use
         for ptr in self.dev.values():
-            self.cuda.rt.cudaFree(ptr)
+            self.cuda("cudaFree", ptr)
         for arr in self.host.values():
-            self.cuda.rt.cudaFreeHost(arr.ctypes.data)
-        self.cuda.rt.cudaFree(self.scratch)
+            self.cuda("cudaFreeHost", arr.ctypes.data)
+        self.cuda("cudaFree", self.scratch)
+        self.cuda("cudaStreamDestroy", self.stream)
+        self.scratch = None
         self.dev.clear()
         self.host.clear()

@@ -57,7 +57,7 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
         t0 = time.perf_counter()
         pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, low_memory=low_memory, device=device)
         info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
-    samples = {n: {"steps": [], "decode": [], "e2e": []} for n in backends}
+    samples = {n: {"steps": [], "generate": [], "decode": [], "e2e": [], "fused": False} for n in backends}
     tokens = {}
     for r in range(warmup + runs):
         for name, p in pipes.items():
@@ -68,7 +68,9 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
             tokens[name] = g.tokens
             if r >= warmup:
                 s = samples[name]
+                s["fused"] = not g.step_seconds  # one CUDA-graph replay: decoding is inside "generate"
                 s["steps"].append(g.step_seconds)
+                s["generate"].append(g.generate_seconds)
                 s["decode"].append(g.decode_seconds)
                 s["e2e"].append(e2e)
     out = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "runs": runs, "warmup": warmup,
@@ -81,9 +83,10 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
         e2e = _stats(s["e2e"])
         out["backends"][name] = {
             **info[name],
-            "steps": [_stats(steps[:, i].tolist()) for i in range(steps.shape[1])],
-            "generate": _stats(steps.sum(axis=1).tolist()),
-            "decode": _stats(s["decode"]),
+            "fused": s["fused"],  # True: no per-pass times; "generate" includes decoding, "decode" is null
+            "steps": [] if s["fused"] else [_stats(steps[:, i].tolist()) for i in range(steps.shape[1])],
+            "generate": _stats(s["generate"]),
+            "decode": None if s["fused"] else _stats(s["decode"]),
             "end_to_end": e2e,
             "images_per_second": round(m.batch / (e2e["median_ms"] / 1000.0), 4),
         }
@@ -94,7 +97,11 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
         if name == ref:
             continue
         sp = {}
+        comparable = not (samples[ref]["fused"] or samples[name]["fused"])
         for part in ("end_to_end", "generate", "decode"):
+            if part != "end_to_end" and not comparable:
+                sp[part] = None  # a fused backend has no separate generate/decode times
+                continue
             a, b = out["backends"][ref][part]["median_ms"], out["backends"][name][part]["median_ms"]
             sp[part] = round(a / b, 3) if b > 0 else None
         # per-run ratios (paired runs share the machine's state), then their median
@@ -118,6 +125,6 @@ def format_table(results: list[dict]) -> str:
         for name, b in res["backends"].items():
             sp = res["speedup_vs_reference"].get(name, {}).get("end_to_end")
             lines.append(f"  {name:<12} {b['end_to_end']['median_ms']:>10.1f} {b['end_to_end']['p90_ms']:>10.1f} "
-                         f"{b['generate']['median_ms']:>10.1f} {b['decode']['median_ms']:>10.1f} "
+                         f"{b['generate']['median_ms']:>10.1f} {(b['decode'] or {}).get('median_ms', float('nan')):>10.1f} "
                          f"{b['images_per_second']:>8.3f} {('%.2fx' % sp) if sp else 'ref':>8}")
     return "\n".join(lines)

@@ -97,6 +97,8 @@ class TorchBackend(Backend):
     def run_step(self, i: int) -> None:
         with self.torch.inference_mode():
             self.outputs[i] = self.steps[i](*self.step_args(i))
+        if self.device.type == "cuda":  # the pass is timed by the caller: wait for the GPU
+            self.torch.cuda.synchronize(self.device)
 
     def step_tokens(self, i: int) -> np.ndarray:
         return self.outputs[i][0].cpu().numpy()

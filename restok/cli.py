@@ -171,6 +171,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           "int8-dynamic (ONNX Runtime CPU only: int8 GEMMs with per-call activation ranges, "
                           "no calibration data; the fast CPU path)")
     cal.add_argument("--samples", type=int, default=32, help="calibration generations (default 32)")
+    cal.add_argument("--method", choices=("max", "percentile"), default="max",
+                     help="activation ranges: max |x| over the samples (default), or the largest per-sample "
+                          "percentile of |x| (--percentile), which clips rare outliers")
+    cal.add_argument("--percentile", type=float, default=99.99, help="with --method percentile (default 99.99)")
     cal.add_argument("--classes", type=int, nargs="+", help="calibration class ids (default: all, cycled)")
     cal.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (kept in FP32 by default)")
     cal.add_argument("--no-decoder", action="store_true", help="keep the tokenizer decoder in FP32")
@@ -469,7 +473,8 @@ def cmd_calibrate(args) -> dict:
     from restok.calibration import CalibrationOptions, calibrate
 
     opts = CalibrationOptions(
-        precision=args.precision, samples=args.samples, classes=tuple(args.classes or ()),
+        precision=args.precision, samples=args.samples, method=args.method, percentile=args.percentile,
+        classes=tuple(args.classes or ()),
         quantize_head=args.quantize_head, quantize_decoder=not args.no_decoder,
         exclude_nodes=tuple(args.exclude_node), exclude_ops=tuple(args.exclude_op), gate_images=args.gate_images,
         min_token_agreement=args.min_token_agreement, min_psnr=args.min_psnr,

@@ -144,3 +144,25 @@ def test_int8_dynamic_for_onnxruntime(tiny_artifacts, tmp_path):
     with pytest.raises(EngineError, match="calibrate --precision int8"):
         tensorrt_manifest(m, "10.15.1")
     assert any("custom domain" in e for rep in lint_artifacts(out).values() for e in rep.errors)
+
+
+def test_percentile_ranges_clip_outliers(int8_artifacts, tiny_artifacts, tmp_path):
+    """--method percentile: every activation range is at most the 'max' range, and some are smaller."""
+    out = tmp_path / "p99"
+    calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8", method="percentile", percentile=99.0, **PERMISSIVE),
+              threads=1)
+    m = Manifest.read(out)
+    assert m.calibration["method"] == "percentile 99"
+
+    def act_scales(folder):
+        model = onnx.load(str(folder / Manifest.read(folder).step_graph(6).file))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in inits}
+
+    a, b = act_scales(int8_artifacts), act_scales(out)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(b[k] <= a[k] * (1 + 1e-6) for k in a)
+    assert sum(b[k] < 0.9 * a[k] for k in a) >= len(a) // 2
+    with pytest.raises(ValueError, match="percentile"):
+        CalibrationOptions(percentile=10).validate(Manifest.read(tiny_artifacts))

@@ -36,6 +36,8 @@ from restok.runtime.pipeline import Pipeline, SamplingParams
 class CalibrationOptions:
     precision: str = "int8"  # int8 | fp8 | int8-weight-only | int8-dynamic (ONNX Runtime CPU only)
     samples: int = 32  # calibration images (class labels cycle through ``classes``)
+    method: str = "max"  # activation ranges: max |x| over all samples, or the max over samples of a percentile
+    percentile: float = 99.99
     classes: tuple[int, ...] = ()  # default: all classes
     seed: int = 1234
     quantize_head: bool = False
@@ -52,6 +54,10 @@ class CalibrationOptions:
             raise ValueError(f"precision must be one of {', '.join(QUANTIZED)}, got {self.precision!r}")
         if m.precision != "fp32":
             raise ArtifactError(f"calibration starts from fp32 artifacts; these are {m.precision}")
+        if self.method not in ("max", "percentile"):
+            raise ValueError(f"calibration method must be max or percentile, got {self.method!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1 or self.gate_images < 1:
             raise ValueError("samples and gate images must be >= 1")
         bad = [c for c in self.classes if not 0 <= c < m.num_classes]
@@ -97,9 +103,11 @@ def _session(model_bytes: bytes, threads: int | None):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def activation_ranges(model, weights_dir: Path, tensors: list[str], feeds: list[dict], threads: int | None) -> dict[str, float]:
-    """max |x| of ``tensors`` over ``feeds``: the graph runs (from memory, weights loaded) with them as
-    extra outputs."""
+def activation_ranges(model, weights_dir: Path, tensors: list[str], feeds: list[dict], threads: int | None,
+                      percentile: float | None = None) -> dict[str, float]:
+    """max |x| of ``tensors`` over ``feeds`` (or, with ``percentile``, the largest per-feed percentile of |x|,
+    which ignores rare outliers that would otherwise stretch the int8 grid): the graph runs (from memory,
+    weights loaded) with them as extra outputs."""
     import onnx
     from onnx import helper
 
@@ -118,7 +126,9 @@ def activation_ranges(model, weights_dir: Path, tensors: list[str], feeds: list[
     for f in feeds:
         outs = sess.run(tensors, f)
         for t, v in zip(tensors, outs):
-            amax[t] = max(amax[t], float(np.abs(v).max()))
+            a = np.abs(v)
+            r = float(a.max()) if percentile is None or percentile >= 100 else float(np.percentile(a, percentile))
+            amax[t] = max(amax[t], r)
     return amax
 
 
@@ -144,7 +154,9 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
                 plan = plan_graph(model, m.vocab_size if name.startswith("step") else None, opts.quantize_head,
                                   opts.exclude_nodes, opts.exclude_ops)
                 acts = sorted(set(plan.activations[n] for n in plan.quantize))
-                amax = None if weights_only or dynamic else activation_ranges(model, src / folder, acts, traces[name], threads)
+                amax = None if weights_only or dynamic else activation_ranges(
+                    model, src / folder, acts, traces[name], threads,
+                    opts.percentile if opts.method == "percentile" else None)
             onnx.load_external_data_for_model(model, str(src / folder))
             if quantize:
                 report[name] = insert_dynamic(model, plan) if dynamic else insert_qdq(model, plan, amax, kind, weights_only)
@@ -232,7 +244,7 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
         nm.calibration = {
             "precision": opts.precision,
             "method": {"int8-weight-only": "weights only", "int8-dynamic": "dynamic (activation range per call)"}.get(
-                opts.precision, "max"),
+                opts.precision, "max" if opts.method == "max" else f"percentile {opts.percentile:g}"),
             "scheme": ("int8 symmetric per-channel weights; uint8 per-tensor activations quantized per call "
                        "(ONNX Runtime DynamicQuantizeMatMul; CPU only, not TensorRT)") if dynamic else
                       "symmetric; per-channel weights; per-tensor activations",

@@ -99,6 +99,14 @@ def _zero(kind: str, shape) -> np.ndarray:
     return np.zeros(shape, dtype=ml_dtypes.float8_e4m3fn)
 
 
+def _drop_unused_initializers(g) -> None:
+    """Remove the float weights nothing reads any more (replaced by their quantized copies)."""
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
 def insert_qdq(model, plan: QuantPlan, act_amax: dict[str, float] | None, kind: str, weights_only: bool) -> dict:
     """Rewrite ``model`` (onnx ModelProto with weight data loaded) in place. ``kind``: int8 | fp8.
 
@@ -155,11 +163,7 @@ def insert_qdq(model, plan: QuantPlan, act_amax: dict[str, float] | None, kind: 
         ordered.append(node)
     del g.node[:]
     g.node.extend(ordered)
-    # drop float weights nothing reads any more
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unused_initializers(g)
     return {"quantized_nodes": len(plan.quantize), "weight_dq": n_w, "activation_qdq": n_a,
             "excluded": dict(plan.excluded)}
 
@@ -202,8 +206,5 @@ def insert_dynamic(model, plan: QuantPlan, min_k: int = 32) -> dict:
     plan.quantize[:] = done
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unused_initializers(g)
     return {"quantized_nodes": len(done), "weight_dq": 0, "activation_qdq": 0, "excluded": dict(plan.excluded)}

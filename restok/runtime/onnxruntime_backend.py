@@ -63,8 +63,7 @@ class OnnxRuntimeBackend(Backend):
         # ---- buffers, allocated once
         self.buf: dict[str, np.ndarray] = {}
         self.vals: dict[str, object] = {}
-        B, R = m.batch, m.rows
-        self.labels = self._alloc("labels", (R,), np.int64)
+        self.labels = self._alloc("labels", (m.rows,), np.int64)
         self.noise = [self._alloc(f"noise{i}", m.step_graph(i).input("noise").shape, np.float32) for i in range(self.num_steps)]
         self.cfg = [self._alloc(f"cfg{i}", (1,), np.float32) for i in range(self.num_steps)]
         self.temperature = self._alloc("temperature", (1,), np.float32)

@@ -10,7 +10,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,37 @@ NO_DECAY = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "g
 
 
 # ------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainRunConfig:
+    """What every trainer's config has: the run (output, model, optimizer, schedule, bookkeeping). Trainers
+    subclass it, adding their own fields and redeclaring the defaults that differ."""
+
+    out: str = "runs/train"
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # model config fields overriding the preset
+    init_from: str = ""  # a checkpoint to start from
+    steps: int = 1000
+    batch_size: int = 32  # global, over all processes
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+    device: str = "auto"
+    seed: int = 10086
+    workers: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    sample_every: int = 1000
+    keep: int = 2
+    stop_at: int = -1  # stop (with a checkpoint) after this step, e.g. for time-boxed jobs; resume later
+    fsdp: bool = False
 
 
 def load_config(cls, path: str | os.PathLike | None, overrides: list[str]):

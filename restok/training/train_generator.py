@@ -4,7 +4,7 @@ class, token/residual dropout; EMA; exact resume; single process or torchrun."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,35 +15,14 @@ from restok.training.data import Batcher, CodesDataset, sample_rng
 
 
 @dataclass
-class GeneratorTrainConfig:
+class GeneratorTrainConfig(C.TrainRunConfig):
     out: str = "runs/generator"
     codes: str = "runs/codes"  # restok extract-codes output
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # GeneratorConfig fields overriding the preset
-    init_from: str = ""
     tokenizer: str = ""  # optional: a tokenizer checkpoint, to save generated samples as images
-    vanilla: bool = False  # plain 128-step AR instead of HAR
+    vanilla: bool = False  # plain AR over every latent token instead of HAR
     class_dropout: float = -1.0  # probability of the null class per sample; -1 = the model's class_dropout_prob
     steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-4
-    end_lr: float = 1e-5
-    warmup_steps: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 10086
-    workers: int = 0
-    log_every: int = 10
-    save_every: int = 1000
-    sample_every: int = 1000
-    keep: int = 2
-    stop_at: int = -1  # stop (with a checkpoint) after this step, e.g. for time-boxed jobs; resume later
-    fsdp: bool = False
 
 
 def build_generator_for_training(cfg: GeneratorTrainConfig, vocab: int, num_classes: int):

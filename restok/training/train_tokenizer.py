@@ -4,7 +4,7 @@ torchrun."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +17,11 @@ from restok.training.data import Batcher, open_dataset, sample_rng
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(C.TrainRunConfig):
     out: str = "runs/tokenizer"
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # TokenizerConfig fields overriding the preset
-    init_from: str = ""  # a tokenizer checkpoint to start from
     data: str = "digits"  # digits | folder:PATH | wds:PATTERN
-    steps: int = 1000
-    batch_size: int = 32  # global, over all processes
-    lr: float = 1e-4
-    end_lr: float = 1e-5
-    warmup_steps: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.95
     weight_decay: float = 1e-4
     grad_clip: float = 10.0
-    ema_decay: float = 0.9999
     nested_dropout: bool = True
     perceptual_model: str = ""  # TorchScript file computing a per-image distance d(x, y); empty = off
     perceptual_weight: float = 1.0
@@ -43,16 +32,8 @@ class TokenizerTrainConfig:
     vf_feature_dim: int = 0  # its feature width (adds vf_proj / vf_proj_dec to the tokenizer)
     vf_weight: float = 1.0
     vf_margin: float = 0.25
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
-    device: str = "auto"
-    seed: int = 10086
-    workers: int = 0
-    log_every: int = 10
     save_every: int = 500
     sample_every: int = 500
-    keep: int = 2
-    stop_at: int = -1  # stop (with a checkpoint) after this step, e.g. for time-boxed jobs; resume later
-    fsdp: bool = False
 
 
 class _Recon(nn.Module):

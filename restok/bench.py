@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from restok.manifest import Manifest
-from restok.runtime.pipeline import Pipeline, SamplingParams
+from restok.runtime.pipeline import Pipeline
+from restok.sampling_params import SamplingParams
 
 REFERENCE = "torch"
 
@@ -43,21 +44,36 @@ def _stats(x: list[float]) -> dict:
     return {"median_ms": round(float(np.median(a)), 3), "p90_ms": round(float(np.percentile(a, 90)), 3)}
 
 
-def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: int = 1, threads: int | None = None,
-              sampling: SamplingParams = SamplingParams(), seed: int = 0, low_memory: bool = False,
-              gap: float = 0.5, device: str = "cpu") -> dict:
-    """``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
+def run_bench(folder: str | Path, backends: list[str], batches: list[int] | None = None, runs: int = 5, warmup: int = 1,
+              threads: int | None = None, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+              gap: float = 0.5, device: str = "cpu") -> list[dict]:
+    """One result per batch size; the backends are loaded once and reused for every batch size.
+
+    ``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
     that just ran (OpenMP spins for a while after each op by default) are asleep when the next one starts."""
     folder = Path(folder)
     m = Manifest.read(folder)
-    labels = [i % m.num_classes for i in range(m.batch)]
+    batches = batches or [1]
+    bad = [b for b in batches if not 1 <= b <= m.max_batch]
+    if bad:
+        raise ValueError(f"batch sizes {bad} are outside 1..{m.max_batch} (the export's --max-batch)")
     pipes, info = {}, {}
     for name in backends:
         before = rss_mb()
         t0 = time.perf_counter()
-        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, low_memory=low_memory, device=device)
+        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, device=device)
         info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
-    samples = {n: {"steps": [], "generate": [], "decode": [], "e2e": [], "fused": False} for n in backends}
+    try:
+        return [_bench_batch(folder, m, pipes, info, b, runs, warmup, threads, sampling, seed, gap) for b in batches]
+    finally:
+        for p in pipes.values():
+            p.close()
+
+
+def _bench_batch(folder, m, pipes, info, batch, runs, warmup, threads, sampling, seed, gap) -> dict:
+    labels = [i % m.num_classes for i in range(batch)]
+    backends = list(pipes)
+    samples = {n: {"steps": [], "generate": [], "decode": [], "e2e": [], "inputs": [], "fused": False} for n in backends}
     tokens = {}
     for r in range(warmup + runs):
         for name, p in pipes.items():
@@ -72,9 +88,12 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
                 s["steps"].append(g.step_seconds)
                 s["generate"].append(g.generate_seconds)
                 s["decode"].append(g.decode_seconds)
+                s["inputs"].append(g.input_seconds)
                 s["e2e"].append(e2e)
-    out = {"artifacts": str(folder), "precision": m.precision, "batch": m.batch, "runs": runs, "warmup": warmup,
-           "low_memory": low_memory,
+    plan = next(iter(pipes.values())).backend.plan
+    out = {"artifacts": str(folder), "precision": m.precision, "batch": batch, "max_batch": m.max_batch,
+           "kv_cache": m.kv_cache, "runs": runs, "warmup": warmup,
+           "host_input_bytes_per_image": plan.host_bytes(batch) / batch,
            "threads": threads or os.cpu_count(), "gap_seconds": gap,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
            "backends": {}}
@@ -88,7 +107,8 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
             "generate": _stats(s["generate"]),
             "decode": None if s["fused"] else _stats(s["decode"]),
             "end_to_end": e2e,
-            "images_per_second": round(m.batch / (e2e["median_ms"] / 1000.0), 4),
+            "host_inputs_ms_per_image": round(float(np.median(s["inputs"])) * 1000.0 / batch, 4),
+            "images_per_second": round(batch / (e2e["median_ms"] / 1000.0), 4),
         }
     ref = REFERENCE if REFERENCE in samples else backends[0]
     out["reference"] = ref
@@ -111,8 +131,6 @@ def run_bench(folder: str | Path, backends: list[str], runs: int = 5, warmup: in
         sp["token_agreement"] = round(float(np.mean(tokens[ref] == tokens[name])), 4)  # < 1 for quantized graphs
         out["speedup_vs_reference"][name] = sp
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    for p in pipes.values():
-        p.close()
     return out
 
 

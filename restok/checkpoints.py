@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from restok.fileutil import atomic_path, replace_dir, staging_dir
+from restok.fileutil import atomic_path, staged
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.presets import get_preset
 from restok.models.tokenizer import ResTok, TokenizerConfig
@@ -370,16 +369,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
         return path
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not _is_restok_folder(path))):
         raise CheckpointError(f"{path} exists and is not a restok checkpoint; refusing to overwrite it")
-    tmp = staging_dir(path)
-    try:
+    with staged(path, owned=lambda d: [WEIGHTS_NAME, CONFIG_NAME]) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
         os.chmod(tmp / WEIGHTS_NAME, 0o644)
         doc = {"restok_format": FORMAT_VERSION, "kind": kind, "config": cfg, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-        replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

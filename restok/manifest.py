@@ -1,11 +1,17 @@
 """The artifact schema: ``manifest.json`` of an export folder (read, write, validate). No torch.
 
-An export folder holds one ONNX graph per HAR step, the tokenizer decoder (and encoder) graphs, a shared
-weights file and ``manifest.json``, which records the schema version, the models' configs, the schedule,
-each graph's inputs/outputs (names, shapes, dtypes), the precision, opset and tool versions, and every file
-with its size and sha256. The manifest is written last and atomically: a folder without one is not an
-export. Readers refuse a manifest from another schema version, missing or truncated files and hashes that
-do not match, with a message that names the file and says what to do.
+An export folder holds one generator graph (every HAR pass, every batch size up to ``max_batch``), the
+tokenizer decoder (and encoder) graphs, a weights file per model and ``manifest.json``, which records the
+schema version, the models' configs, the schedule, each graph's signature (the graph I/O contract: names,
+shapes over the symbols below, dtypes, roles, which output feeds or aliases which input), the precision,
+opset and tool versions, and every file with its size and sha256. The manifest is written last and
+atomically: a folder without one is not an export. Readers refuse a manifest from another schema version,
+missing or truncated files and hashes that do not match, with a message that names the file and says
+what to do.
+
+Shape symbols: ``batch`` (images in a run, 1..max_batch), ``rows`` (generator rows: 2 x batch with
+guidance, the unconditional rows last; batch without), ``new`` (positions computed by a pass),
+``past`` (positions cached before it, past/present form) and ``total`` (past + new).
 """
 
 from __future__ import annotations
@@ -16,15 +22,36 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from restok.fileutil import atomic_write_bytes
 from restok.schedule import HARSchedule
 
 SCHEMA = "restok-artifacts"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-VERIFIED_CACHE = ".restok-verified.json"
 PRECISIONS = ("fp32", "fp16")  # what restok export writes
 QUANTIZED = ("int8", "fp8", "int8-weight-only", "int8-dynamic")  # what restok calibrate writes
+KV_CACHES = ("concat", "inplace")
+DEFAULT_MAX_BATCH = 16
+SYMBOLS = ("batch", "rows", "new", "past", "total")
+
+# roles of graph tensors (TensorSpec.role)
+ROLES = (
+    "tokens",  # generator: ids to embed [rows, new]; decoder: image tokens [batch, N]; encoder output
+    "embed_sources",  # generator: what each new position embeds (HARStep.embed_sources)
+    "positions",  # generator: RoPE positions of the new positions (HARStep.position_ids)
+    "noise_keys",  # generator: each image's keys of the in-graph Gumbel generator (restok.noise)
+    "sampling",  # generator: a per-image sampling parameter (cfg_scale, temperature, top_k, top_p)
+    "kv_past", "kv_present",  # past/present KV cache: present of pass i feeds past of pass i+1
+    "kv_cache", "kv_cache_out",  # fixed-size KV cache updated in place: the output aliases the input
+    "next_tokens", "logits",  # generator outputs
+    "images",  # decoder output, encoder input
+)
+
+# numpy dtype names used in manifests <- ONNX TensorProto element types
+ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 3: "int8", 6: "int32", 7: "int64", 9: "bool",
+               17: "float8e4m3fn"}
 
 __all__ = [
     "ArtifactError",
@@ -33,6 +60,7 @@ __all__ = [
     "TensorSpec",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "np_dtype",
     "sha256_file",
 ]
 
@@ -41,44 +69,71 @@ class ArtifactError(ValueError):
     """Artifacts are missing, damaged or from another version; the message says what to rebuild."""
 
 
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a manifest dtype name (fp8 needs the ml_dtypes package)."""
+    if name == "float8e4m3fn":
+        try:
+            import ml_dtypes
+        except ImportError as e:
+            raise ImportError("fp8 tensors need the ml_dtypes package (pip install ml_dtypes)") from e
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    if name == "bfloat16":
+        raise ArtifactError("bfloat16 graph inputs are not supported by this runtime")
+    try:
+        return np.dtype(name)
+    except TypeError as e:
+        raise ArtifactError(f"unknown tensor type {name!r} in the manifest; re-export with this restok") from e
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph input or output: ``shape`` holds ints and shape symbols (``SYMBOLS``)."""
+
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str  # numpy dtype name: float32, float16, int64
+    role: str = ""
+    feeds: str | None = None  # kv_present: the input of the next pass it becomes
+    aliases: str | None = None  # kv_cache_out: the input whose buffer it updates in place
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.shape if isinstance(d, str) and d not in SYMBOLS]
+        if bad or (self.role and self.role not in ROLES):
+            raise ArtifactError(f"tensor {self.name}: unknown shape symbol {bad} or role {self.role!r}; re-export")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+        return cls(d["name"], tuple(x if isinstance(x, str) else int(x) for x in d["shape"]), d["dtype"],
+                   d.get("role", ""), d.get("feeds"), d.get("aliases"))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
+        for k in ("feeds", "aliases"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        return d
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for symbol values ``dims``."""
+        return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
 
 
 @dataclass(frozen=True)
 class GraphSpec:
-    name: str  # step0..stepN-1, decoder, encoder
+    name: str  # generator, decoder, encoder
     file: str  # relative to the export folder
-    kind: str  # generator_step | decoder | encoder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    step: int | None = None
+    opset: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GraphSpec":
-        return cls(
-            d["name"], d["file"], d["kind"],
-            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            d.get("step"),
-        )
+    def from_dict(cls, name: str, d: dict) -> "GraphSpec":
+        return cls(name, d["file"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), int(d.get("opset", 0)))
 
     def to_dict(self) -> dict:
-        d = {"name": self.name, "file": self.file, "kind": self.kind,
-             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
-        if self.step is not None:
-            d["step"] = self.step
-        return d
+        return {"file": self.file, "opset": self.opset, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
 
     def input(self, name: str) -> TensorSpec:
         for t in self.inputs:
@@ -92,6 +147,9 @@ class GraphSpec:
                 return t
         raise KeyError(f"graph {self.name} has no output {name!r}")
 
+    def with_role(self, role: str, outputs: bool = False) -> list[TensorSpec]:
+        return [t for t in (self.outputs if outputs else self.inputs) if t.role == role]
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -104,12 +162,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _verified_cache_path() -> Path:
+    """Hashes of files restok verified, per user (never inside an export, so it cannot travel with it)."""
+    root = Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
+    return root / "verified.json"
+
+
+def _file_identity(st: os.stat_result) -> list[int]:
+    """What a copy, an edit or a restored mtime all change: device, inode, size, mtime and ctime (the
+    ctime is set by the kernel on every write or metadata change and cannot be restored by cp/rsync/tar)."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 @dataclass
 class Manifest:
     """The content of manifest.json."""
 
     precision: str
-    batch: int
+    max_batch: int
     guided: bool
     opset: int
     schedule: dict
@@ -123,27 +193,19 @@ class Manifest:
     tools: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # for Q/DQ artifacts: method, samples, exclusions, quality
     kv_cache: str = "concat"  # concat: past_*/present_* per pass; inplace: one cache_* buffer updated in place
-    # inplace exports also carry past/present step graphs for TensorRT < 10.15:
-    # {"kv_cache": "concat", "opset": 20, "graphs": {"step0": GraphSpec dict, ...}} (same weights.bin)
+    # inplace exports also carry a past/present generator graph for TensorRT < 10.15:
+    # {"kv_cache": "concat", "opset": 20, "generator": GraphSpec dict} (same weights.bin)
     fallback: dict = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
     # ----------------------------------------------------------------- derived
-    @property
-    def rows(self) -> int:
-        """Rows of the generator graphs: the batch doubled when guidance is exported."""
-        return 2 * self.batch if self.guided else self.batch
-
     def har_schedule(self) -> HARSchedule:
         return HARSchedule.from_dict(self.schedule)
 
     @property
     def num_steps(self) -> int:
-        return len([g for g in self.graphs.values() if g.kind == "generator_step"])
-
-    def step_graph(self, i: int) -> GraphSpec:
-        return self.graphs[f"step{i}"]
+        return int(self.schedule["num_steps"])
 
     @property
     def image_size(self) -> int:
@@ -158,18 +220,35 @@ class Manifest:
         return int(self.generator["num_classes"])
 
     @property
+    def null_class(self) -> int:
+        """The label of the unconditional rows (the generator's extra class-embedding row)."""
+        return self.num_classes
+
+    @property
     def num_tokens(self) -> int:
         return int(self.generator["block_size"])
 
+    @property
+    def kv_heads(self) -> int:
+        return int(self.generator.get("n_kv_head") or self.generator["n_head"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.generator["dim"]) // int(self.generator["n_head"])
+
+    def rows(self, batch: int) -> int:
+        """Generator rows for ``batch`` images: doubled when guidance is exported."""
+        return 2 * batch if self.guided else batch
+
     def kv_cache_view(self, mode: str) -> "Manifest":
-        """This export seen with the ``mode`` KV-cache step graphs: itself, or its fallback graph set."""
+        """This export seen with the ``mode`` KV-cache generator graph: itself, or its fallback graph."""
         if mode == self.kv_cache:
             return self
         fb = self.fallback
         if fb.get("kv_cache") != mode:
-            raise ArtifactError(f"these artifacts hold {self.kv_cache} KV-cache step graphs and no {mode} set; "
+            raise ArtifactError(f"these artifacts hold a {self.kv_cache} KV-cache generator and no {mode} one; "
                                 f"re-export with --kv-cache {mode}")
-        graphs = {**self.graphs, **{k: GraphSpec.from_dict(g) for k, g in fb["graphs"].items()}}
+        graphs = {**self.graphs, "generator": GraphSpec.from_dict("generator", fb["generator"])}
         return replace(self, graphs=graphs, kv_cache=mode, opset=int(fb["opset"]), fallback={})
 
     # --------------------------------------------------------------------- I/O
@@ -185,19 +264,19 @@ class Manifest:
         v = d.get("schema_version")
         if v != SCHEMA_VERSION:
             raise ArtifactError(
-                f"{where} has schema version {v}, this restok reads version {SCHEMA_VERSION}; "
-                "re-export the artifacts with this version (restok export ...)"
+                f"{where} has schema version {v}, this restok reads version {SCHEMA_VERSION} (one generator graph "
+                "for every pass and batch size); re-export the artifacts with this version: restok export --out DIR"
             )
         try:
-            graphs = {k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()}
-            fields_ = {k: d[k] for k in ("precision", "batch", "guided", "opset", "schedule", "tokenizer", "generator")}
-        except (KeyError, TypeError) as e:
+            graphs = {k: GraphSpec.from_dict(k, g) for k, g in d["graphs"].items()}
+            fields_ = {k: d[k] for k in ("precision", "max_batch", "guided", "opset", "schedule", "tokenizer", "generator")}
+            if "generator" not in graphs or "decoder" not in graphs:
+                raise KeyError("graphs.generator/decoder")
+        except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where} is incomplete ({e}); re-export the artifacts") from e
         return cls(graphs=graphs, files=d.get("files", {}), weights=d.get("weights", {}), source=d.get("source", {}),
                    tools=d.get("tools", {}), calibration=d.get("calibration", {}), kv_cache=d.get("kv_cache", "concat"),
-                   fallback=d.get("fallback", {}),
-                   created=d.get("created", ""),
-                   schema_version=v, **fields_)
+                   fallback=d.get("fallback", {}), created=d.get("created", ""), schema_version=v, **fields_)
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Hash every listed file, then write manifest.json atomically (the last file of an export)."""
@@ -211,8 +290,8 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | os.PathLike, verify: bool = True) -> "Manifest":
-        """Read and validate; with ``verify`` check each file's size and sha256 (hashes of unchanged files
-        are remembered in a small cache file next to the manifest, keyed by size and mtime)."""
+        """Read and validate; with ``verify`` check each file's size and sha256 (a file already verified
+        is recognised by its device, inode, size, mtime and ctime, remembered per user: see verify_files)."""
         folder = Path(folder)
         path = folder / MANIFEST_NAME
         if not folder.is_dir():
@@ -224,21 +303,31 @@ class Manifest:
             )
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifacts") from e
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{path} is not a restok artifacts manifest; re-export the artifacts")
         m = cls.from_dict(d, str(path))
-        for g in [*m.graphs.values(), *(GraphSpec.from_dict(x) for x in m.fallback.get("graphs", {}).values())]:
-            if g.file not in m.files:
-                raise ArtifactError(f"{path}: graph {g.name} file {g.file} is not listed in files; re-export")
+        graph_files = [g.file for g in m.graphs.values()] + ([m.fallback["generator"]["file"]] if m.fallback else [])
+        for f in graph_files:
+            if f not in m.files:
+                raise ArtifactError(f"{path}: graph file {f} is not listed in files; re-export")
         if verify:
             m.verify_files(folder)
         return m
 
     def verify_files(self, folder: Path) -> None:
-        cache_path = folder / VERIFIED_CACHE
+        """Size and sha256 of every file. Hashing GPT-L's weights takes about 0.8 s per 1.3 GB here, so files
+        already verified are skipped when their identity (``_file_identity``: device, inode, size, mtime,
+        ctime) is unchanged. That record lives in the user's cache, not in the export: a copied, edited or
+        re-timestamped file has a new identity and is hashed again."""
+        folder = Path(folder)
+        cache_path = _verified_cache_path()
         try:
             cache = json.loads(cache_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(cache, dict):
+                cache = {}
+        except (OSError, ValueError):
             cache = {}
         changed = False
         for rel, info in self.files.items():
@@ -251,15 +340,17 @@ class Manifest:
                     f"{p} has {st.st_size} bytes, the manifest says {info['bytes']} (truncated or replaced); "
                     "re-export the artifacts"
                 )
-            key = [st.st_size, st.st_mtime_ns, info["sha256"]]
-            if cache.get(rel) == key:
+            key = str(p.resolve())
+            ident = [*_file_identity(st), info["sha256"]]
+            if cache.get(key) == ident:
                 continue
             if sha256_file(p) != info["sha256"]:
                 raise ArtifactError(f"{p} does not match the sha256 in the manifest (modified or corrupt); re-export the artifacts")
-            cache[rel] = key
-            changed = True
+            if _file_identity(p.stat()) == ident[:-1]:  # unchanged while it was hashed
+                cache[key] = ident
+                changed = True
         if changed:
             try:
                 atomic_write_bytes(cache_path, json.dumps(cache).encode())
             except OSError:
-                pass  # a read-only folder: verify again next time
+                pass  # no writable cache: verify again next time

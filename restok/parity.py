@@ -3,12 +3,14 @@
 For fp32 artifacts this is implementation parity (ladder rung 2, gated); for fp16 artifacts it measures
 what the lower precision costs (rung 3, reported; thresholds optional).
 
-1. Teacher-forced per step: the PyTorch modules run one generation; every pass's recorded inputs are fed
-   to the matching ONNX graph, and logits, sampled tokens and KV caches are compared.
-2. Free-running generations under the same noise: the fraction of identical sampled tokens.
+1. Teacher-forced per pass: the PyTorch modules run one generation of two images; every pass's recorded
+   inputs are fed to the generator graph on both backends, and logits, sampled tokens and KV caches are
+   compared.
+2. Free-running generations under the same seed: the fraction of identical sampled tokens.
 3. The tokenizer decoder on the same tokens: max error and PSNR; the encoder: identical ids.
 The recorded inputs and PyTorch outputs are written as Polygraphy files so that any later backend can
-replay them (``polygraphy run generator/step3.onnx --trt --load-inputs ... --load-outputs ...``).
+replay them (``polygraphy run generator/generator.onnx --onnxrt --load-inputs generator_pass3_inputs.json
+--load-outputs generator_pass3_outputs.json``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from restok.manifest import Manifest
 from restok.runtime.backend import create_backend
-from restok.runtime.pipeline import Pipeline, SamplingParams
+from restok.runtime.pipeline import Pipeline
+from restok.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -80,71 +83,80 @@ def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dic
 
 def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int | None = None,
               thresholds: ParityThresholds | None = None, polygraphy_dir: Path | None = None,
-              sampling: SamplingParams = SamplingParams(), low_memory: bool = False, backend: str = "onnxruntime",
-              device: str = "cpu") -> dict:
-    """The float32 PyTorch reference (on ``device``) against ``backend`` (onnxruntime or tensorrt)."""
+              sampling: SamplingParams = SamplingParams(), backend: str = "onnxruntime",
+              device: str = "cpu", manifest: Manifest | None = None, reference: tuple | None = None) -> dict:
+    """The float32 PyTorch reference (on ``device``; from ``reference`` = (tokenizer, generator) checkpoint
+    paths when given, else from what the export recorded) against ``backend`` (onnxruntime or tensorrt)."""
     folder = Path(folder)
-    m = Manifest.read(folder)
+    m = manifest or Manifest.read(folder)
+    if images < 1:
+        raise ValueError(f"--images must be >= 1, got {images}")
     th = thresholds or ParityThresholds.for_backend(backend, m.precision)
-    ort = create_backend(backend, folder, m, threads, low_memory=low_memory)
-    m = ort.manifest  # TensorRT < 10.15 runs an in-place export's past/present graphs: compare those
-    ref = create_backend("torch", folder, m, threads, device=device)
-    pref, port = Pipeline(folder, ref, manifest=m), Pipeline(folder, ort, manifest=m)
+    cand = create_backend(backend, folder, m, threads)
+    m = cand.manifest  # TensorRT < 10.15 runs an in-place export's past/present graph: compare that
+    try:
+        ref = create_backend("torch", folder, m, threads, device=device, reference=reference)
+    except BaseException:
+        cand.close()
+        raise
+    pref, pcand = Pipeline(folder, ref, manifest=m), Pipeline(folder, cand, manifest=m)
     pg_dir = polygraphy_dir or folder / "polygraphy"
-    report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "batch": m.batch, "guided": m.guided,
-                    "thresholds": th.__dict__, "steps": []}
+    batch = min(2, m.max_batch)
+    report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "max_batch": m.max_batch,
+                    "guided": m.guided, "kv_cache": m.kv_cache, "thresholds": th.__dict__, "steps": []}
+    try:
+        # 1. teacher-forced, pass by pass: the reference's inputs of every pass, fed to both backends
+        feeds: list[dict] = []
+        pref.generate(_labels(m, 0, batch), sampling, seed=seed, decode=False,
+                      on_step=lambda i, be: feeds.append(be.pass_feeds(i)))
+        replay = {}
+        g = m.graphs["generator"]
+        for st, f in zip(pref.schedule.steps, feeds):
+            f = {t.name: f[t.name].astype(t.dtype, copy=False) for t in g.inputs}
+            want, got = ref.run_graph("generator", f), cand.run_graph("generator", f)
+            lw, lg = want["logits"], got["logits"].astype(np.float32)
+            kv = [t.name for t in g.outputs if t.role in ("kv_present", "kv_cache_out")]
+            report["steps"].append({
+                "step": st.index, "new_positions": st.num_new, "cached": st.cached,
+                "logits_max_abs_error": float(np.abs(lw - lg).max()),
+                "logits_std": float(lw.std()),
+                "tokens_identical": float(np.mean(want["next_tokens"] == got["next_tokens"])),
+                "kv_max_abs_error": max(float(np.abs(want[k] - got[k].astype(np.float32)).max()) for k in kv),
+            })
+            name = f"generator_pass{st.index}"
+            replay[name] = _save_polygraphy(pg_dir, name, f, want) if _has_polygraphy() else None
 
-    # 1. teacher-forced, pass by pass
-    labels = _labels(m, 0, m.batch)
-    pref.generate(labels, sampling, seed=seed, decode=False)  # fills ref's per-pass inputs and outputs
-    replay = {}
-    for st in pref.schedule.steps:
-        g = m.step_graph(st.index)
-        args = ref.step_args(st.index)
-        feeds = {t.name: a.detach().cpu().numpy().astype(t.dtype, copy=False) for t, a in zip(g.inputs, args)}
-        want = {t.name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
-                for t, o in zip(g.outputs, ref.outputs[st.index])}
-        got = ort.run_graph(g.name, feeds)
-        lw, lg = want["logits"], got["logits"].astype(np.float32)
-        kv = [k for k in want if k.startswith(("present_", "cache_"))]
-        report["steps"].append({
-            "step": st.index, "new_positions": st.num_new, "cached": st.cached,
-            "logits_max_abs_error": float(np.abs(lw - lg).max()),
-            "logits_std": float(lw.std()),
-            "tokens_identical": float(np.mean(want["next_tokens"] == got["next_tokens"])),
-            "kv_max_abs_error": max(float(np.abs(want[k] - got[k].astype(np.float32)).max()) for k in kv),
-        })
-        outs = {t.name: o.detach().cpu().numpy() for t, o in zip(g.outputs, ref.outputs[st.index])}
-        replay[g.name] = _save_polygraphy(pg_dir, g.name, feeds, outs) if _has_polygraphy() else None
+        # 2. free-running generations under the same seed
+        agree = total = identical = 0
+        first_tokens = None
+        for start in range(0, images, m.max_batch):
+            lab = _labels(m, start, min(m.max_batch, images - start))
+            a = pref.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens
+            b = pcand.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens
+            first_tokens = a if first_tokens is None else first_tokens
+            agree += int((a == b).sum())
+            total += a.size
+            identical += int((a == b).all(axis=1).sum())
+        report["generation"] = {"images": images, "token_agreement": agree / max(total, 1), "identical_images": identical}
 
-    # 2. free-running generations under the same noise
-    agree = total = identical = 0
-    first_tokens = None
-    for start in range(0, images, m.batch):
-        n = min(m.batch, images - start)
-        lab = _labels(m, start, m.batch)
-        full = pref.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens
-        first_tokens = full if first_tokens is None else first_tokens
-        a = full[:n]
-        b = port.generate(lab, sampling, seed=seed, noise_start=start, decode=False).tokens[:n]
-        agree += int((a == b).sum())
-        total += a.size
-        identical += int((a == b).all(axis=1).sum())
-    report["generation"] = {"images": images, "token_agreement": agree / max(total, 1), "identical_images": identical}
-
-    # 3. tokenizer graphs on the same inputs
-    ia = np.array(ref.decode(first_tokens))
-    ib = np.array(ort.decode(first_tokens))
-    report["decoder"] = {"max_abs_error": float(np.abs(ia - ib).max()), "psnr_db": psnr(ia, ib), "image_std": float(ia.std())}
-    replay["decoder"] = _save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia}) if _has_polygraphy() else None
-    if "encoder" in m.graphs:
-        x = np.clip(ia, 0.0, 1.0).astype(np.float32)
-        ea, eb = np.asarray(ref.encode(x)), np.asarray(ort.encode(x))
-        report["encoder"] = {"ids_identical": float(np.mean(ea == eb))}
+        # 3. tokenizer graphs on the same inputs
+        ia = np.array(ref.decode(first_tokens))
+        ib = np.array(cand.decode(first_tokens))
+        report["decoder"] = {"max_abs_error": float(np.abs(ia - ib).max()), "psnr_db": psnr(ia, ib),
+                             "image_std": float(ia.std())}
+        replay["decoder"] = (_save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia})
+                             if _has_polygraphy() else None)
+        if "encoder" in m.graphs:
+            x = np.clip(ia, 0.0, 1.0).astype(np.float32)
+            ea, eb = np.asarray(ref.encode(x)), np.asarray(cand.encode(x))
+            report["encoder"] = {"ids_identical": float(np.mean(ea == eb))}
+    finally:
+        pref.close()
+        pcand.close()
     report["polygraphy"] = {
         "dir": str(pg_dir) if _has_polygraphy() else None,
-        "replay": {name: f"polygraphy run {folder / m.graphs[name].file} --onnxrt --load-inputs {f['inputs']} "
-                         f"--load-outputs {f['outputs']}" for name, f in replay.items() if f},
+        "replay": {name: f"polygraphy run {folder / m.graphs[name.split('_pass')[0]].file} --onnxrt --load-inputs "
+                         f"{f['inputs']} --load-outputs {f['outputs']}" for name, f in replay.items() if f},
         "note": None if _has_polygraphy() else "polygraphy is not installed: no replay files written",
     }
 
@@ -162,10 +174,8 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     report["checks"] = [{"name": c[0], "value": c[1], "op": c[2], "threshold": c[3], "passed": bool(c[4])} for c in checks]
     report["passed"] = all(c[4] for c in checks)
     report["summary"] = (
-        f"{'PASS' if report['passed'] else 'FAIL'} ({backend}, {m.precision}, batch {m.batch}): logits max abs error {max_err:.3g} "
-        f"(logits std {min(s['logits_std'] for s in report['steps']):.3g}), token agreement {agreement:.4f} over {images} "
-        f"images ({identical} identical), decoder PSNR {p:.1f} dB"
+        f"{'PASS' if report['passed'] else 'FAIL'} ({backend}, {m.precision}, max batch {m.max_batch}): logits max abs "
+        f"error {max_err:.3g} (logits std {min(s['logits_std'] for s in report['steps']):.3g}), token agreement "
+        f"{agreement:.4f} over {images} images ({identical} identical), decoder PSNR {p:.1f} dB"
     )
-    pref.close()
-    port.close()
     return report

@@ -1,38 +1,47 @@
 """Token sampling as tensor operations: classifier-free guidance, temperature, top-k, top-p, Gumbel-max.
 
-The same function runs in the PyTorch reference loop and inside the exported per-step graphs, where every
-sampling parameter is a graph input: no host round trip, no sort and no TopK (TensorRT's TopK stops at
-K = 3840; the vocabulary is 8192), and randomness only from an explicit Gumbel noise input, so every
-backend draws the same tokens from the same noise.
+The same functions run in the PyTorch reference loop and inside the exported generator graph, where every
+sampling parameter is a per-image graph input (shape [B]): no host round trip, no sort and no TopK
+(TensorRT's TopK stops at K = 3840; the vocabulary is 8192), and randomness only from the counter-based
+generator of ``gumbel_noise`` keyed per image (``restok.noise``), so every backend draws the same tokens
+from the same seed.
 
 Equivalence with the official sampler (sort, cumulative softmax, multinomial): top-k keeps every logit
 >= the k-th largest; top-p keeps the tokens whose preceding probability mass (in descending order) is
 <= p. Both thresholds are found by bisection on the logits shifted to a maximum of 0: 40 halvings of
 the logit range leave a bracket far narrower than the float spacing of any threshold not within ~1e-4 of
 the maximum, so the kept sets are the official ones (closer to the maximum, only logits within 1e-10 of
-the threshold, i.e. ties, could be added). Gumbel-max then draws exactly from the softmax of the kept logits. Tied values at a
-boundary are all kept, and top-p sums probabilities in another order than a sorted cumulative sum, so a
-token whose preceding mass is within float rounding of p may be kept where the official drops it.
+the threshold, i.e. ties, could be added). Tied values at a boundary are all kept, and top-p sums
+probabilities in another order than a sorted cumulative sum, so a token whose preceding mass is within
+float rounding of p may be kept where the official drops it.
+
+Gumbel-max then draws exactly from the softmax of the kept logits; unlike an inverse-CDF draw, its choice
+moves only when the two best noisy logits swap, so float rounding differences between backends and
+precisions rarely change a token (``restok.noise`` says what was measured).
 """
 
 from __future__ import annotations
 
 import torch
 
+from restok.noise import NOISE_PRIME, NOISE_ROUNDS
+
 BISECTION_STEPS = 40
 
 
 def _param(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Python number, a one-element tensor or one value per row ([B]) -> broadcastable over ``like``'s rows."""
     t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return t.to(device=like.device, dtype=dtype).reshape(())
+    return t.to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def apply_cfg(logits: torch.Tensor, cfg_scale) -> torch.Tensor:
     """Rows [:B] conditional, [B:] unconditional -> u + s * (c - u), the official order of operations.
 
-    A scale of exactly 1 returns the conditional logits (what an unguided run computes)."""
-    cond, uncond = logits.chunk(2, dim=0)
-    s = _param(cfg_scale, logits, logits.dtype)
+    ``cfg_scale`` is one value or one per image ([B]); a scale of exactly 1 returns the conditional
+    logits (what an unguided run computes)."""
+    cond, uncond = logits.reshape(2, -1, *logits.shape[1:]).unbind(0)  # not chunk(): keeps the batch symbolic
+    s = _param(cfg_scale, cond, logits.dtype)
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
@@ -83,6 +92,25 @@ def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
     return x.masked_fill(xs <= lo, float("-inf"))
 
 
+def gumbel_noise(keys: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise float32 [B, n, V] for token indices ``tokens`` [n] of the images keyed by ``keys``
+    int32 [B, NOISE_KEYS]: the 6-round Feistel generator of ``restok.noise`` in int32 (every value < 2^31;
+    exported as ONNX Add/Mul/Mod on INT32), then -log(-log(u))."""
+    P = NOISE_PRIME
+    k = keys.to(torch.int32)
+    col = lambda i: k[:, i].reshape(-1, 1, 1)  # noqa: E731
+    v = torch.arange(vocab_size, dtype=torch.int32, device=k.device)
+    t = tokens.to(torch.int32).reshape(1, -1, 1)
+    hi = -(-vocab_size // P)
+    left = torch.remainder(t * hi + (v // P).reshape(1, 1, -1) + col(0), P)
+    right = torch.remainder((v % P).reshape(1, 1, -1) + col(1), P)
+    for r in range(NOISE_ROUNDS):
+        f = right + col(2 + r)
+        left, right = right, torch.remainder(left + torch.remainder(f * f, P), P)
+    u = ((left * P + right).to(torch.float32) + 0.5) * (1.0 / (P * P))
+    return -torch.log(-torch.log(u))
+
+
 def sample_tokens(
     logits: torch.Tensor,
     gumbel: torch.Tensor,
@@ -95,8 +123,8 @@ def sample_tokens(
     """logits [2B or B, n, V] -> token ids int64 [B, n].
 
     ``cfg_scale`` None means no guidance (the batch is not doubled); otherwise the batch is [cond; uncond].
-    ``gumbel`` [B, n, V] is Gumbel(0, 1) noise (``restok.noise.gumbel_noise``). Parameters may be Python
-    numbers or one-element tensors (graph inputs).
+    ``gumbel`` [B, n, V] is Gumbel(0, 1) noise (``gumbel_noise``). Parameters may be Python numbers,
+    one-element tensors or one value per image ([B]; graph inputs).
     """
     x = logits.float()
     if cfg_scale is not None:

@@ -24,6 +24,8 @@ __all__ = [
     "HARSchedule",
     "HARStep",
     "CFG_SCHEDULES",
+    "EMBED_CLASS",
+    "EMBED_TOKEN",
     "cfg_scale_at",
     "level_blocks",
     "pooling_grid",
@@ -65,6 +67,9 @@ def pooling_grid(block_size: int) -> tuple[int, int]:
     return 2 ** (k // 2), 2 ** (k - k // 2)
 
 
+EMBED_CLASS, EMBED_TOKEN = -2, -1  # HARStep.embed_sources codes (>= 0: a special-token row)
+
+
 @dataclass(frozen=True)
 class HARStep:
     """One forward pass of the generator.
@@ -99,6 +104,25 @@ class HARStep:
         if self.class_input:
             return "prefill"
         return "ar" if self.num_new == 1 else "har"
+
+    @property
+    def predicted(self) -> slice:
+        """The token columns this pass predicts (a contiguous run of the image's tokens)."""
+        return slice(self.predicts[0], self.predicts[-1] + 1)
+
+    @property
+    def embed_sources(self) -> np.ndarray:
+        """int64 [num_new]: what each new position embeds, the generator graph's ``embed_sources`` input.
+
+        ``EMBED_CLASS``: the class label in column p of the graph's ``tokens`` input; ``EMBED_TOKEN``: the
+        image token in column p (the previous pass's predictions come first); j >= 0: special-token row j."""
+        out = [EMBED_CLASS] * int(self.class_input) + [EMBED_TOKEN] * len(self.token_inputs)
+        return np.asarray(out + list(self.special_inputs), dtype=np.int64)
+
+    @property
+    def position_ids(self) -> np.ndarray:
+        """int64 [num_new]: the sequence (RoPE) positions computed in this pass, the graph's ``positions``."""
+        return np.arange(self.cached, self.total, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -200,19 +224,11 @@ class HARSchedule:
 
         A position sees every position of its own pass (bidirectionally) and of all earlier passes. This
         equals the official hierarchical mask (level(i) >= level(j), with the first ar_tokens rows made
-        strictly causal); tests check that equality independently.
+        strictly causal); tests check that equality independently. So in cached inference a pass attends to
+        every position already present (keys < ``step.total``): the exported generator needs no mask rows.
         """
         s = self.step_of_position
         return s[:, None] >= s[None, :]
-
-    @cached_property
-    def rope_positions(self) -> np.ndarray:
-        """int64 [seq_len]: the 1D RoPE position of each sequence position (its index)."""
-        return np.arange(self.seq_len, dtype=np.int64)
-
-    def step_mask(self, step: HARStep) -> np.ndarray:
-        """bool [num_new, total]: the mask rows of ``step`` over all keys present after it."""
-        return self.attention_mask[step.cached : step.total, : step.total]
 
     def to_dict(self) -> dict:
         """A JSON-ready description (written into manifests)."""

@@ -29,11 +29,11 @@ def tiny_tokenizer():
 # collection (each export is single-threaded Python: two cores run them beside the tests that need none,
 # which run first). A fixture waits for its export and fails with the export's log if it failed.
 EXPORTS = {
-    # fp32, batch 2, guided, with the encoder
-    "tiny_artifacts": ["--preset", "tiny", "--batch", "2"],
-    "tiny_artifacts_fp16": ["--preset", "tiny", "--precision", "fp16", "--no-encoder"],
-    # the in-place KV cache (TensorScatter, opset 24) + its past/present fallback set
-    "tiny_artifacts_inplace": ["--preset", "tiny", "--batch", "2", "--kv-cache", "inplace", "--no-encoder"],
+    # fp32, runs of 1..4 images, guided, with the encoder
+    "tiny_artifacts": ["--preset", "tiny", "--max-batch", "4"],
+    "tiny_artifacts_fp16": ["--preset", "tiny", "--precision", "fp16", "--no-encoder", "--max-batch", "4"],
+    # the in-place KV cache (TensorScatter, opset 24) + its past/present fallback generator
+    "tiny_artifacts_inplace": ["--preset", "tiny", "--max-batch", "4", "--kv-cache", "inplace", "--no-encoder"],
 }
 _EXPORTS: dict = {}  # fixture name -> (process, output folder, log file)
 
@@ -85,7 +85,7 @@ def _exported(name: str, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
-    """The tiny preset (seeded random weights) exported through the CLI: fp32, batch 2, guided."""
+    """The tiny preset (seeded random weights) exported through the CLI: fp32, max batch 4, guided."""
     return _exported("tiny_artifacts", tmp_path_factory)
 
 

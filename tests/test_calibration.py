@@ -26,7 +26,7 @@ def _producers(model):
 
 def test_placement_and_zero_points(int8_artifacts):
     m = Manifest.read(int8_artifacts)
-    model = onnx.load(str(int8_artifacts / m.step_graph(5).file))
+    model = onnx.load(str(int8_artifacts / m.graphs["generator"].file))
     inits = {t.name: t for t in model.graph.initializer}
     prod = _producers(model)
     quantized, head, bmm = [], [], []
@@ -63,7 +63,8 @@ def test_manifest_records_calibration(int8_artifacts, tiny_artifacts):
     m = Manifest.read(int8_artifacts)
     c = m.calibration
     assert m.precision == "int8" and c["method"] == "max" and c["samples"] == 4
-    assert c["graphs"]["step0"]["quantized_nodes"] == 20 and "LM head (output)" in c["graphs"]["step0"]["excluded"].values()
+    assert c["graphs"]["generator"]["quantized_nodes"] == 20
+    assert "LM head (output)" in c["graphs"]["generator"]["excluded"].values()
     assert c["graphs"]["decoder"]["quantized_nodes"] > 0
     assert "onnxruntime" in m.tools and c["quality"]["images"] == 4
     assert set(c["from_sha256"]) == set(Manifest.read(tiny_artifacts).files)
@@ -75,8 +76,8 @@ def test_other_precisions(tiny_artifacts, tmp_path, precision):
     r = calibrate(tiny_artifacts, out, CalibrationOptions(precision=precision, **PERMISSIVE), threads=1)
     assert r["passed"] and 0.0 < r["quality"]["token_agreement"] <= 1.0
     m = Manifest.read(out)
-    g = m.calibration["graphs"]["step3"]
-    model = onnx.load(str(out / m.step_graph(3).file))
+    g = m.calibration["graphs"]["generator"]
+    model = onnx.load(str(out / m.graphs["generator"].file))
     dtypes = {t.data_type for t in model.graph.initializer}
     if precision == "fp8":
         assert onnx.TensorProto.FLOAT8E4M3FN in dtypes and g["activation_qdq"] > 0
@@ -125,7 +126,7 @@ def test_int8_dynamic_for_onnxruntime(tiny_artifacts, tmp_path):
     m = Manifest.read(out)
     assert m.precision == "int8-dynamic" and m.calibration["method"].startswith("dynamic")
     assert m.calibration["samples"] == 0  # nothing traced: ranges are measured per call
-    model = onnx.load(str(out / m.step_graph(4).file))
+    model = onnx.load(str(out / m.graphs["generator"].file))
     inits = {t.name: t for t in model.graph.initializer}
     dyn = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
     assert len(dyn) == 5 * 4 and all(n.domain == "com.microsoft" for n in dyn)
@@ -155,7 +156,7 @@ def test_percentile_ranges_clip_outliers(int8_artifacts, tiny_artifacts, tmp_pat
     assert m.calibration["method"] == "percentile 99"
 
     def act_scales(folder):
-        model = onnx.load(str(folder / Manifest.read(folder).step_graph(6).file))
+        model = onnx.load(str(folder / Manifest.read(folder).graphs["generator"].file))
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
                 if n.op_type == "QuantizeLinear" and n.input[1] in inits}

@@ -1,5 +1,6 @@
-"""Export and runtime: graph shapes from the schedule, PyTorch vs ONNX Runtime parity (fp32 and fp16),
-a torch-free runtime, Polygraphy replay files, and clear errors for damaged or mismatched artifacts."""
+"""Export and runtime: one generator graph for every pass and batch size, the graph I/O contract in the
+manifest, PyTorch vs ONNX Runtime parity (fp32 and fp16), batch invariance, per-image sampling settings, a
+torch-free runtime, Polygraphy replay files, and clear errors for damaged or mismatched artifacts."""
 
 import json
 import shutil
@@ -14,37 +15,52 @@ from restok.manifest import ArtifactError, Manifest
 from restok.models.presets import build_generator
 from restok.parity import run_check
 from restok.runtime import Pipeline, SamplingParams
+from restok.runtime.plan import BindingPlan
 from restok.schedule import HARSchedule
 
 
-def test_manifest_matches_schedule(tiny_artifacts):
+def test_one_generator_graph_and_its_contract(tiny_artifacts):
     m = Manifest.read(tiny_artifacts)
+    assert set(m.graphs) == {"generator", "decoder", "encoder"} and m.max_batch == 4 and m.guided
+    g = m.graphs["generator"]
+    roles = {t.name: t.role for t in g.inputs}
+    assert roles["tokens"] == "tokens" and roles["noise_keys"] == "noise_keys" and roles["positions"] == "positions"
+    assert {n for n, r in roles.items() if r == "sampling"} == {"cfg_scale", "temperature", "top_k", "top_p"}
+    assert g.input("tokens").shape == ("rows", "new") and g.input("noise_keys").shape == ("batch", 8)
+    assert g.input("cfg_scale").shape == ("batch",) and g.input("past_key_0").shape == ("rows", 4, "past", 32)
+    assert g.output("present_key_0").feeds == "past_key_0" and g.output("logits").shape == ("rows", "new", 1024)
+    # the ONNX file agrees: symbolic batch, new positions and past length
+    model = onnx.load(str(tiny_artifacts / g.file), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert dims["tokens"][1] == "new" and isinstance(dims["tokens"][0], str) and dims["past_key_0"][2] == "past"
+    # the plan resolves every pass from the schedule
+    plan = BindingPlan(m)
     s = HARSchedule()
-    assert m.num_steps == s.num_steps == 9 and m.batch == 2 and m.rows == 4 and m.guided
-    for st in s.steps:
-        g = m.step_graph(st.index)
-        first = g.inputs[0]
-        if st.class_input:
-            assert (first.name, first.shape) == ("labels", (4,))
-        else:
-            assert (first.name, first.shape) == ("tokens", (4, len(st.token_inputs)))
-            assert g.input("past_key_0").shape == (4, 4, st.cached, 32)
-        assert g.input("noise").shape == (2, st.num_new, 1024)
-        assert g.output("next_tokens").shape == (4, st.num_new) and g.output("next_tokens").dtype == "int64"
-        assert g.output("logits").shape == (4, st.num_new, 1024) and g.output("logits").dtype == "float32"
-        assert g.output("present_value_3").shape == (4, 4, st.total, 32)
-    assert m.graphs["decoder"].output("images").shape == (2, 3, 32, 32)
-    assert m.graphs["encoder"].output("tokens").shape == (2, 128)
-    # the nine step graphs share one copy of the weights
+    for p, st in zip(plan.passes, s.steps):
+        tok = next(b for b in p.inputs if b.tensor.role == "tokens")
+        assert plan.shape(tok, 3, p) == (6, st.num_new)
+        if st.cached:
+            past = next(b for b in p.inputs if b.tensor.name == "past_key_0")
+            assert plan.shape(past, 1, p) == (2, 4, st.cached, 32) and past.buffer == f"kv.{st.index - 1}.present_key_0"
+        assert p.tokens_width == len(st.token_inputs)
+    # the weights are stored once
     gen_bytes = (tiny_artifacts / "generator" / "weights.bin").stat().st_size
     params = sum(p.numel() for p in build_generator("tiny").parameters())
     assert 4 * params <= gen_bytes < 1.1 * 4 * params
-    onnx.checker.check_model(str(tiny_artifacts / "generator" / "step4.onnx"))
+    onnx.checker.check_model(str(tiny_artifacts / g.file))
+
+
+def test_host_inputs_are_small(tiny_artifacts):
+    """The host supplies 8 noise keys per image plus a few settings: well under 1 KiB per image."""
+    plan = BindingPlan(Manifest.read(tiny_artifacts))
+    per_image = plan.host_bytes(4) / 4
+    assert 32 <= per_image <= 256, per_image
 
 
 def test_parity_fp32(tiny_artifacts):
     r = run_check(tiny_artifacts, images=16)
     assert r["passed"], r["summary"]
+    assert len(r["steps"]) == 9
     for s in r["steps"]:
         assert s["logits_max_abs_error"] <= 1e-3
         assert s["logits_std"] > 0.1  # the compared logits vary: the check is not vacuous
@@ -54,9 +70,9 @@ def test_parity_fp32(tiny_artifacts):
     assert r["encoder"]["ids_identical"] == 1.0
 
 
-def test_polygraphy_replay_of_a_step(tiny_artifacts):
-    r = run_check(tiny_artifacts, images=2)
-    cmd = r["polygraphy"]["replay"]["step5"].split() + ["--atol", "1e-3", "--rtol", "1e-3"]
+def test_polygraphy_replay_of_a_pass(tiny_artifacts, tmp_path):
+    r = run_check(tiny_artifacts, images=2, polygraphy_dir=tmp_path / "pg")
+    cmd = r["polygraphy"]["replay"]["generator_pass5"].split() + ["--atol", "1e-3", "--rtol", "1e-3"]
     exe = shutil.which("polygraphy") or str(__import__("pathlib").Path(sys.executable).parent / "polygraphy")
     p = subprocess.run([exe] + cmd[1:], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -65,17 +81,18 @@ def test_polygraphy_replay_of_a_step(tiny_artifacts):
 
 def test_fp16_graphs(tiny_artifacts_fp16):
     m = Manifest.read(tiny_artifacts_fp16)
-    g = m.step_graph(5)
+    g = m.graphs["generator"]
     assert g.input("past_key_0").dtype == "float16" and g.output("logits").dtype == "float32"
     # norms and softmax stay in float32
     model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_artifacts_fp16 / g.file), load_external_data=False))
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
     ops = [n for n in model.graph.node if n.op_type in ("Softmax", "ReduceMean", "LayerNormalization")]
     assert ops and all(types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in ops)
-    r = run_check(tiny_artifacts_fp16, images=4)
+    r = run_check(tiny_artifacts_fp16, images=8)
     assert r["passed"]  # fp16 is reported, not gated, by default
-    assert r["generation"]["token_agreement"] > 0.5, r["summary"]
-    assert r["decoder"]["psnr_db"] > 25, r["summary"]
+    # what fp16 really achieves on this model (measured: 99.9% tokens, ~57 dB): bound it close to that
+    assert r["generation"]["token_agreement"] >= 0.98, r["summary"]
+    assert r["decoder"]["psnr_db"] >= 45, r["summary"]
 
 
 TORCH_BLOCK = """
@@ -105,13 +122,32 @@ print("ok")
     assert np.abs(np.load(tmp_path / "img.npy") - ref.images).max() < 1e-3
 
 
-def test_sampling_parameters_are_inputs(tiny_artifacts):
-    """One export serves every sampling setting, and ONNX Runtime follows the reference for each."""
+def test_batch_invariance(tiny_artifacts):
+    """Image k of a run is the same, bit for bit, generated alone or in a batch of any size."""
+    p = Pipeline(tiny_artifacts)
+    labels = [3, 1, 4, 1]
+    full = p.generate(labels, seed=7)
+    for k in range(4):
+        solo = p.generate([labels[k]], seed=7, noise_start=k)
+        assert np.array_equal(solo.tokens[0], full.tokens[k]) and np.array_equal(solo.images[0], full.images[k]), k
+    mid = p.generate(labels[1:3], seed=7, noise_start=1)
+    assert np.array_equal(mid.images, full.images[1:3])
+    again = p.generate(labels, seed=7)  # stale buffers from smaller runs change nothing
+    assert np.array_equal(again.tokens, full.tokens)
+
+
+def test_sampling_parameters_are_per_image_inputs(tiny_artifacts):
+    """One export serves every sampling setting, one batch mixes settings, and ONNX Runtime follows the
+    reference for each."""
     ort, ref = Pipeline(tiny_artifacts), Pipeline(tiny_artifacts, "torch")
-    for sp in (SamplingParams(cfg_scale=1.0, top_p=1.0), SamplingParams(top_k=5, top_p=1.0, temperature=0.7),
-               SamplingParams(cfg_schedule="linear", cfg_scale=2.0, top_p=0.5)):
-        a, b = ort.generate([1, 2], sp, seed=9), ref.generate([1, 2], sp, seed=9)
-        assert np.array_equal(a.tokens, b.tokens), sp
+    settings = [SamplingParams(cfg_scale=1.0, top_p=1.0), SamplingParams(top_k=5, top_p=1.0, temperature=0.7),
+                SamplingParams(cfg_schedule="linear", cfg_scale=2.0, top_p=0.5), SamplingParams()]
+    mixed = ort.generate([1, 2, 3, 4], settings, seed=9)
+    assert np.array_equal(mixed.tokens, ref.generate([1, 2, 3, 4], settings, seed=9).tokens)
+    for k, sp in enumerate(settings):
+        alone = ort.generate([k + 1], sp, seed=9, noise_start=k)
+        assert np.array_equal(alone.tokens[0], mixed.tokens[k]), sp
+    assert len({mixed.tokens[k].tobytes() for k in range(4)}) == 4
     greedy = ort.generate([1, 2], SamplingParams(top_k=1), seed=1).tokens
     assert np.array_equal(greedy, ort.generate([1, 2], SamplingParams(top_k=1), seed=2).tokens)
 
@@ -124,8 +160,8 @@ def damaged(tiny_artifacts, tmp_path):
 
 
 def test_missing_graph(damaged):
-    (damaged / "generator" / "step3.onnx").unlink()
-    with pytest.raises(ArtifactError, match=r"step3\.onnx is missing"):
+    (damaged / "generator" / "generator.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"generator\.onnx is missing"):
         Manifest.read(damaged)
 
 
@@ -145,12 +181,12 @@ def test_hash_mismatch(damaged):
         Manifest.read(damaged)
 
 
-def test_older_schema(damaged):
+def test_previous_schema_is_refused_with_the_command(damaged):
     mp = damaged / "manifest.json"
     d = json.loads(mp.read_text())
-    d["schema_version"] = 0
+    d["schema_version"] = 1
     mp.write_text(json.dumps(d))
-    with pytest.raises(ArtifactError, match="schema version 0.*re-export"):
+    with pytest.raises(ArtifactError, match="schema version 1.*re-export.*restok export"):
         Manifest.read(damaged)
 
 
@@ -158,69 +194,35 @@ def test_bad_labels_and_batch(tiny_artifacts):
     p = Pipeline(tiny_artifacts)
     with pytest.raises(ValueError, match=r"class ids \[10\] are outside \[0, 10\)"):
         p.generate([1, 10])
-    with pytest.raises(ArtifactError, match="exported for batch 2; got 3 labels"):
-        p.generate([1, 2, 3])
-
-
-def test_killed_export_leaves_no_manifest(tiny_artifacts, tmp_path, monkeypatch):
-    import restok.export.exporter as ex
-    from restok.models.presets import build_generator, build_tokenizer
-
-    calls = []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # like a kill in the middle of the export
-        return real(*a, **k)
-
-    real = ex._export_onnx
-    monkeypatch.setattr(ex, "_export_onnx", dying)
-    out = tmp_path / "fresh"
-    with pytest.raises(KeyboardInterrupt):
-        ex.export_artifacts(build_tokenizer("tiny", seed=0), build_generator("tiny", seed=1), out, progress=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    # an existing export stays valid when a new export into it dies
-    keep = tmp_path / "keep"
-    shutil.copytree(tiny_artifacts, keep)
-    calls.clear()
-    with pytest.raises(KeyboardInterrupt):
-        ex.export_artifacts(build_tokenizer("tiny", seed=0), build_generator("tiny", seed=1), keep, progress=False)
-    assert Manifest.read(keep).batch == 2
-
-
-def test_low_memory_mode_gives_the_same_tokens(tiny_artifacts):
-    a = Pipeline(tiny_artifacts).generate([5, 6], seed=3)
-    b = Pipeline(tiny_artifacts, low_memory=True).generate([5, 6], seed=3)
-    assert np.array_equal(a.tokens, b.tokens)
-    assert np.abs(a.images - b.images).max() < 1e-4
+    with pytest.raises(ValueError, match=r"1\.\.4 class labels.*--max-batch"):
+        p.generate([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="1..4"):
+        p.generate([])
 
 
 def test_inplace_kv_cache(tiny_artifacts_inplace, tiny_artifacts):
     m = Manifest.read(tiny_artifacts_inplace)
-    assert m.kv_cache == "inplace" and m.opset == 24
-    g = m.step_graph(4)
-    assert g.input("cache_key_0").shape == g.output("cache_key_out_0").shape == (4, 4, 128, 32)
+    assert m.kv_cache == "inplace" and m.opset == 24 and m.graphs["decoder"].opset == 20
+    g = m.graphs["generator"]
+    assert g.input("cache_key_0").shape == g.output("cache_key_out_0").shape == ("rows", 4, 128, 32)
+    assert g.output("cache_key_out_0").aliases == "cache_key_0"
     model = onnx.load(str(tiny_artifacts_inplace / g.file), load_external_data=False)
     assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 8  # k and v of 4 layers
     r = run_check(tiny_artifacts_inplace, images=4)
     assert r["passed"], r["summary"]
-    # the same tokens as the past/present graphs, and one buffer per cache serves every pass
+    # the same tokens as the past/present graph, and one buffer per cache serves every pass
     p = Pipeline(tiny_artifacts_inplace)
     a = p.generate([1, 2], seed=3)
     b = Pipeline(tiny_artifacts).generate([1, 2], seed=3)
     assert np.array_equal(a.tokens, b.tokens)
-    assert "cache_key_0" in p.backend.buf and not any(k.endswith("cache_key_out_0") for k in p.backend.buf)
+    assert "kv.cache_key_0" in p.backend.buf and not any(k.startswith("kv.0.") for k in p.backend.buf)
     again = p.generate([1, 2], seed=3)  # stale slots from the previous image are masked
     assert np.array_equal(again.tokens, a.tokens)
-    # the past/present fallback set (for TensorRT < 10.15) shares weights.bin and draws the same tokens
+    # the past/present fallback (for TensorRT < 10.15) shares weights.bin and draws the same tokens
     fb = m.kv_cache_view("concat")
-    assert fb.kv_cache == "concat" and fb.opset == 20 and set(fb.graphs) == set(m.graphs)
-    st = m.har_schedule().steps[4]
-    assert fb.step_graph(4).input("past_key_0").shape == (4, 4, st.cached, 32)
-    assert all(f"generator/step{i}.concat.onnx" in m.files for i in range(9))
+    assert fb.kv_cache == "concat" and fb.opset == 20 and fb.graphs["generator"].file == "generator/generator.concat.onnx"
     size = lambda d: (d / "generator" / "weights.bin").stat().st_size  # noqa: E731
     assert size(tiny_artifacts_inplace) < 1.05 * size(tiny_artifacts)  # no second copy of the weights
     c = Pipeline(tiny_artifacts_inplace, manifest=fb)
-    assert "s4.present_key_0" in c.backend.buf and "cache_key_0" not in c.backend.buf
+    assert "kv.4.present_key_0" in c.backend.buf and "kv.cache_key_0" not in c.backend.buf
     assert np.array_equal(c.generate([1, 2], seed=3).tokens, a.tokens)

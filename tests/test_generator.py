@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import restok
-from restok.noise import gumbel_noise
-from restok.sampling import sample_tokens, top_k_filter, top_p_filter
+from restok.noise import noise_keys
+from restok.sampling import gumbel_noise, sample_tokens, top_k_filter, top_p_filter
 
 
 def _cached_logits_in_layout(gen, ids, labels, schedule):
@@ -87,19 +87,23 @@ def test_top_p_after_top_k_equals_sort():
 
 
 def test_gumbel_max_draws_from_the_softmax():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().expand(1, 20000, 4).contiguous()
-    noise = torch.from_numpy(gumbel_noise(7, 1, 20000, 4))
+    """The in-graph generator's noise makes Gumbel-max an exact sampler: frequencies match the softmax."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(200, 128, 5).contiguous()
+    noise = gumbel_noise(torch.from_numpy(noise_keys(7, 200)), torch.arange(128), 5)
     ids = sample_tokens(logits, noise)
-    freq = torch.bincount(ids.reshape(-1), minlength=4).float() / ids.numel()
-    assert torch.allclose(freq, probs, atol=0.015)
+    freq = torch.bincount(ids.reshape(-1), minlength=5).float() / ids.numel()
+    assert torch.allclose(freq, probs, atol=0.01) and freq[1] == 0  # a -inf logit is never drawn
 
 
 def test_cfg_mix_is_official_formula():
     c, u = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
-    zero = torch.zeros(1, 2, 16)
-    ids = sample_tokens(torch.cat([c, u]), zero, cfg_scale=3.0, top_k=1)
+    ids = sample_tokens(torch.cat([c, u]), torch.zeros(1, 2, 16), cfg_scale=3.0, top_k=1)
     assert torch.equal(ids, torch.argmax(u + (c - u) * 3.0, dim=-1))
+    # one scale per image
+    c2, u2 = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    ids = sample_tokens(torch.cat([c2, u2]), torch.zeros(2, 2, 16), cfg_scale=torch.tensor([1.0, 4.0]), top_k=1)
+    assert torch.equal(ids[0], torch.argmax(c2[0], -1)) and torch.equal(ids[1], torch.argmax(u2[1] + (c2[1] - u2[1]) * 4, -1))
 
 
 def test_same_seed_same_tokens_and_batching_invariance(tiny_generator):
@@ -110,9 +114,11 @@ def test_same_seed_same_tokens_and_batching_invariance(tiny_generator):
     c = restok.generate(gen, [1, 2, 3], seed=12, **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.int64 and a.shape == (3, 128)
-    # image 2 alone, with the noise of image 2 of the run, gives the same tokens
-    solo = restok.generate(gen, [3], noise=gumbel_noise(11, 1, 128, gen.cfg.vocab_size, start=2), **kw)
+    # image 2 alone, with the stream of image 2 of the run, gives the same tokens
+    solo = restok.generate(gen, [3], seed=11, noise_start=2, **kw)
     assert torch.equal(solo[0], a[2])
+    explicit = restok.generate(gen, [3], keys=noise_keys(11, 1, start=2), **kw)
+    assert torch.equal(explicit[0], a[2])
 
 
 def test_guidance_changes_tokens(tiny_generator):
@@ -131,7 +137,10 @@ def test_guidance_changes_tokens(tiny_generator):
         (dict(labels=[1], top_p=1.5), "top_p"),
         (dict(labels=[1], top_k=-2), "top_k"),
         (dict(labels=[1], mode="fast"), "mode"),
-        (dict(labels=[1], noise=np.zeros((1, 5, 5), np.float32)), "noise must have shape"),
+        (dict(labels=[1], keys=np.zeros((1, 5), np.int32)), "noise keys must have shape"),
+        (dict(labels=[1], temperature=float("nan")), "temperature must be a finite number"),
+        (dict(labels=[1], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+        (dict(labels=[1], seed=-1), "seed must be an integer"),
         (dict(labels=torch.tensor([1.0])), "integers"),
     ],
 )

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from restok.engines.builder import BUILD_INFO, EngineError, build_key, check_engines, engine_dir, step_profiles
+from restok.engines.builder import BUILD_INFO, EngineError, build_key, check_engines, engine_dir, generator_profiles
 from restok.engines.lint import lint_artifacts, lint_model
 from restok.manifest import Manifest
 
@@ -36,13 +36,17 @@ NO_GPU = _has_trt_gpu()
 @pytest.mark.parametrize("which", ["tiny_artifacts", "tiny_artifacts_fp16", "tiny_artifacts_inplace"])
 def test_lint_passes_on_our_exports(request, which):
     reports = lint_artifacts(request.getfixturevalue(which))
-    assert set(reports) >= {f"step{i}" for i in range(9)} | {"decoder"}
-    if which == "tiny_artifacts_inplace":  # the past/present fallback set is linted too
-        assert set(reports) >= {f"step{i}.concat" for i in range(9)}
+    assert set(reports) >= {"generator", "decoder"}
+    if which == "tiny_artifacts_inplace":  # the past/present fallback generator is linted too
+        assert "generator.concat" in reports
+        assert reports["generator"].min_tensorrt == (10, 15) and reports["generator.concat"].min_tensorrt == (10, 3)
     for name, r in reports.items():
         assert r.ok, (name, r.errors[:5])
-        assert "TopK" not in r.ops and "If" not in r.ops and "Loop" not in r.ops
+        # no TopK (K <= 3840), no control flow, no CumSum (a sequential loop in TensorRT < 10.8), no Clip on ints
+        assert not {"TopK", "If", "Loop", "CumSum"} & set(r.ops)
         assert 9 <= r.opset <= 24
+        if name != "generator" or which != "tiny_artifacts_inplace":
+            assert r.min_tensorrt == (10, 3), name  # everything but the in-place generator parses on Jetson's 10.3
 
 
 def test_lint_passes_on_qdq_graphs(tiny_artifacts, tmp_path):
@@ -84,18 +88,40 @@ def test_lint_catches_what_tensorrt_rejects():
     assert any("float64" in e for e in dbl.errors)
     loop_free = lint_model(_graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y]))
     assert loop_free.ok and not loop_free.warnings
+    ints = helper.make_tensor_value_info("c", TensorProto.INT64, [2, 8])
+    clip = lint_model(_graph([helper.make_node("Clip", ["c"], ["y"])], [ints], [y]))
+    assert any("input type int64" in e for e in clip.errors)
     del d
 
 
-def test_static_profiles_follow_the_schedule(tiny_artifacts):
+def test_lint_checks_the_kv_cache_update():
+    """TensorRT's KV-cache update takes a float cache straight from a network input to a network output."""
+    def scatter(dtype, through_identity=False):
+        cache = helper.make_tensor_value_info("cache", dtype, [2, 4, 16, 8])
+        upd = helper.make_tensor_value_info("upd", dtype, [2, 4, 1, 8])
+        idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [2])
+        out = helper.make_tensor_value_info("out", dtype, [2, 4, 16, 8])
+        nodes = [helper.make_node("TensorScatter", ["cache2" if through_identity else "cache", "upd", "idx"], ["out"],
+                                  axis=-2, mode="linear")]
+        if through_identity:
+            nodes.insert(0, helper.make_node("Identity", ["cache"], ["cache2"]))
+        return lint_model(_graph(nodes, [cache, upd, idx], [out], opset=24))
+
+    assert scatter(TensorProto.FLOAT).ok and scatter(TensorProto.FLOAT).min_tensorrt == (10, 15)
+    assert any("input type int32" in e for e in scatter(TensorProto.INT32).errors)
+    assert any("must be a network input" in e for e in scatter(TensorProto.FLOAT16, through_identity=True).errors)
+
+
+def test_profiles_follow_the_schedule(tiny_artifacts):
+    """One profile per pass: its new positions and cached length fixed, the batch from 1 to max batch."""
     m = Manifest.read(tiny_artifacts)
-    prof = step_profiles(m)
-    for st in m.har_schedule().steps:
-        p = prof[f"step{st.index}"]
-        mn, opt, mx = p["noise"]
-        assert mn == opt == mx == (m.batch, st.num_new, m.vocab_size)
-        if st.cached:
-            assert p["past_key_0"][0][2] == st.cached
+    prof = generator_profiles(m, opt_batch=2)
+    assert len(prof) == 9
+    for st, p in zip(m.har_schedule().steps, prof):
+        assert p["tokens"] == ((2, st.num_new), (4, st.num_new), (8, st.num_new))
+        assert p["noise_keys"] == ((1, 8), (2, 8), (4, 8))
+        assert p["positions"][0] == p["positions"][2] == (st.num_new,)
+        assert p["past_key_0"] == tuple((r, 4, st.cached, 32) for r in (2, 4, 8))  # 0 for the first pass
 
 
 def test_engine_cache_keys_and_refusals(tiny_artifacts, tmp_path):
@@ -108,19 +134,19 @@ def test_engine_cache_keys_and_refusals(tiny_artifacts, tmp_path):
         check_engines(folder, m, "10.15.0", GPU)
     d = engine_dir(folder, "10.15.0", GPU)
     d.mkdir(parents=True)
-    for name in m.graphs:
+    for name in ("generator", "decoder"):
         (d / f"{name}.plan").write_bytes(b"plan")
     key = build_key(m, "10.15.0", GPU)
-    (d / BUILD_INFO).write_text(json.dumps({"key": key}))
-    assert check_engines(folder, m, "10.15.0", GPU) == d
+    (d / BUILD_INFO).write_text(json.dumps({"key": key, "engines": ["generator", "decoder"]}))
+    assert check_engines(folder, m, "10.15.0", GPU)[0] == d
     # another GPU or TensorRT version has its own folder; a changed ONNX file is refused
     with pytest.raises(EngineError, match="no engines"):
         check_engines(folder, m, "11.1.0", GPU)
-    stale = dict(key, onnx_sha256={**key["onnx_sha256"], "step3": "0" * 64})
-    (d / BUILD_INFO).write_text(json.dumps({"key": stale}))
+    stale = dict(key, onnx_sha256={**key["onnx_sha256"], "generator": "0" * 64})
+    (d / BUILD_INFO).write_text(json.dumps({"key": stale, "engines": ["generator", "decoder"]}))
     with pytest.raises(EngineError, match="different onnx_sha256.*restok build"):
         check_engines(folder, m, "10.15.0", GPU)
-    (d / BUILD_INFO).write_text(json.dumps({"key": key}))
+    (d / BUILD_INFO).write_text(json.dumps({"key": key, "engines": ["generator", "decoder"]}))
     (d / "decoder.plan").unlink()
     with pytest.raises(EngineError, match=r"decoder\.plan is missing"):
         check_engines(folder, m, "10.15.0", GPU)
@@ -130,23 +156,23 @@ def test_engine_cache_keys_and_refusals(tiny_artifacts, tmp_path):
 def test_cli_without_tensorrt(tiny_artifacts, tmp_path, capsys):
     from restok.cli import main
 
-    assert main(["build", "--artifacts", str(tiny_artifacts)]) == 2
+    assert main(["build", "--artifacts", str(tiny_artifacts)]) == 3  # the environment lacks TensorRT
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert main(["build", "--artifacts", str(tiny_artifacts), "--precision", "fp16"]) == 2
     assert "holds fp32 graphs, not fp16" in capsys.readouterr().err
-    assert main(["build", "--artifacts", str(tiny_artifacts), "--batch", "4"]) == 2
-    assert "exported for batch 2" in capsys.readouterr().err
-    assert main(["generate", "--artifacts", str(tiny_artifacts), "--backend", "tensorrt", "--out", str(tmp_path)]) == 2
+    assert main(["build", "--artifacts", str(tiny_artifacts), "--opt-batch", "9"]) == 2
+    assert "--opt-batch must be in 1..4" in capsys.readouterr().err
+    assert main(["generate", "--artifacts", str(tiny_artifacts), "--backend", "tensorrt", "--out", str(tmp_path / "o")]) == 3
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert main(["build", "--artifacts", str(tiny_artifacts), "--opt-level", "9"]) == 2
 
 
 @pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
 def test_tensorrt_engines_match_the_reference(tiny_artifacts_fp16):
-    from restok.engines.builder import build_engines
+    from restok.engines.builder import BuildOptions, build_engines
     from restok.parity import run_check
 
-    build_engines(tiny_artifacts_fp16)
+    build_engines(tiny_artifacts_fp16, BuildOptions(encoder=True))
     r = run_check(tiny_artifacts_fp16, images=4, backend="tensorrt", device="cuda")
     assert r["generation"]["token_agreement"] > 0.9, r["summary"]
     assert r["decoder"]["psnr_db"] > 30, r["summary"]
@@ -162,7 +188,7 @@ def test_tensorrt_version_gates(tiny_artifacts, tiny_artifacts_inplace):
     # older TensorRT 10.x: the export's past/present set, with a warning that names the version
     with pytest.warns(UserWarning, match="TensorRT 10.3.0 has no in-place KV-cache update"):
         fb = tensorrt_manifest(inplace, "10.3.0")
-    assert fb.kv_cache == "concat" and fb.opset == 20 and fb.step_graph(0).file == "generator/step0.concat.onnx"
+    assert fb.kv_cache == "concat" and fb.opset == 20 and fb.graphs["generator"].file == "generator/generator.concat.onnx"
     assert build_key(fb, "10.3.0", GPU)["kv_cache"] == "concat"
     bare = dataclasses.replace(inplace, fallback={})
     with pytest.raises(EngineError, match="TensorRT 10.3.0 cannot parse the in-place KV cache.*--kv-cache concat"):
@@ -171,3 +197,9 @@ def test_tensorrt_version_gates(tiny_artifacts, tiny_artifacts_inplace):
     assert tensorrt_manifest(concat, "10.3.0") is concat  # past/present graphs: any TensorRT 10.x
     with pytest.raises(EngineError, match="too old"):
         tensorrt_manifest(concat, "8.6.1")
+    # fp32 attention at opset >= 23 is ONNX Attention: TensorRT parses it from 10.14
+    g = dataclasses.replace(concat.graphs["decoder"], opset=23)
+    at23 = dataclasses.replace(concat, graphs={**concat.graphs, "decoder": g})
+    with pytest.raises(EngineError, match="opset 23.*Attention.*10.14.*--opset 20"):
+        tensorrt_manifest(at23, "10.12.0")
+    assert tensorrt_manifest(at23, "10.14.1") is at23

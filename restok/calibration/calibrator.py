@@ -16,10 +16,8 @@ DynamicQuantizeMatMul nodes (activation ranges measured per call), for ONNX Runt
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from restok.calibration.qdq import insert_dynamic, insert_qdq, plan_graph
-from restok.fileutil import replace_dir, staging_dir
+from restok.fileutil import Discard, staged
 from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest
-from restok.runtime.pipeline import Pipeline, SamplingParams
+from restok.runtime.pipeline import Pipeline
+from restok.sampling_params import SamplingParams
 
 
 @dataclass
@@ -71,25 +70,14 @@ def _labels(classes, n: int, num_classes: int) -> list[int]:
 
 
 def collect_traces(pipe: Pipeline, labels: list[int], sampling: SamplingParams, seed: int) -> dict[str, list[dict]]:
-    """{graph name: [feeds, ...]} over generations of ``labels`` (batched by the artifacts' batch)."""
-    be = pipe.backend
+    """{graph name: [feeds, ...]}: every pass's generator inputs and the decoder's input tokens over
+    generations of ``labels`` (in runs of up to max_batch images)."""
     m = pipe.manifest
-    traces: dict[str, list[dict]] = {name: [] for name in m.graphs if name != "encoder"}
-    for start in range(0, len(labels), m.batch):
-        chunk = labels[start : start + m.batch]
-        chunk = chunk + [chunk[-1]] * (m.batch - len(chunk))
-        # a generation, recording each pass's inputs just before it runs
-        orig = be.run_step
-
-        def recording(i, _orig=orig):
-            traces[f"step{i}"].append(be.step_feeds(i))
-            _orig(i)
-
-        be.run_step = recording
-        try:
-            g = pipe.generate(chunk, sampling, seed=seed, noise_start=start, decode=False)
-        finally:
-            be.run_step = orig
+    traces: dict[str, list[dict]] = {"generator": [], "decoder": []}
+    for start in range(0, len(labels), m.max_batch):
+        chunk = labels[start : start + m.max_batch]
+        g = pipe.generate(chunk, sampling, seed=seed, noise_start=start, decode=False,
+                          on_step=lambda i, be: traces["generator"].append(be.pass_feeds(i)))
         traces["decoder"].append({"tokens": g.tokens})
     return traces
 
@@ -149,9 +137,9 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
         for name in names:
             g = m.graphs[name]
             model = onnx.load(str(src / g.file), load_external_data=False)
-            quantize = name.startswith("step") or (name == "decoder" and opts.quantize_decoder)
+            quantize = name == "generator" or (name == "decoder" and opts.quantize_decoder)
             if quantize:
-                plan = plan_graph(model, m.vocab_size if name.startswith("step") else None, opts.quantize_head,
+                plan = plan_graph(model, m.vocab_size if name == "generator" else None, opts.quantize_head,
                                   opts.exclude_nodes, opts.exclude_ops)
                 acts = sorted(set(plan.activations[n] for n in plan.quantize))
                 amax = None if weights_only or dynamic else activation_ranges(
@@ -180,34 +168,29 @@ def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampli
     """Candidate (quantized) vs reference (fp32) artifacts on ONNX Runtime, the same noise for both."""
     m = ref.manifest
     labels = _labels(classes, images, m.num_classes)
-    feeds = collect_traces(ref, labels[: m.batch], sampling, seed)
+    feeds = collect_traces(ref, labels[: min(2, m.max_batch)], sampling, seed)["generator"]
     step_err = []
-    for i in range(m.num_steps):
-        name = f"step{i}"
-        f = feeds[name][0]
-        a = ref.backend.run_graph(name, f)["logits"]
-        b = cand.backend.run_graph(name, f)["logits"]
+    for i, f in enumerate(feeds):
+        a = ref.backend.run_graph("generator", f)["logits"]
+        b = cand.backend.run_graph("generator", f)["logits"]
         step_err.append({"step": i, "logits_max_abs_error": float(np.abs(a - b).max()),
                          "logits_mean_abs_error": float(np.abs(a - b).mean()), "logits_std": float(a.std())})
     agree = total = 0
     p_all = []
-    for start in range(0, images, m.batch):
-        n = min(m.batch, images - start)
-        chunk = labels[start : start + m.batch]
-        chunk = chunk + [chunk[-1]] * (m.batch - len(chunk))
+    for start in range(0, images, m.max_batch):
+        chunk = labels[start : start + m.max_batch]
         ga = ref.generate(chunk, sampling, seed=seed, noise_start=start)
         gb = cand.generate(chunk, sampling, seed=seed, noise_start=start, decode=False)
-        agree += int((ga.tokens[:n] == gb.tokens[:n]).sum())
-        total += ga.tokens[:n].size
+        agree += int((ga.tokens == gb.tokens).sum())
+        total += ga.tokens.size
         dec_b = cand.decode(ga.tokens)  # the same tokens through the candidate decoder
-        p_all.extend(psnr(ga.images[j], dec_b[j]) for j in range(n))
+        p_all.extend(psnr(ga.images[j], dec_b[j]) for j in range(len(chunk)))
     return {"images": images, "token_agreement": agree / total, "decoder_psnr_db": float(np.mean(p_all)),
             "decoder_psnr_min_db": float(np.min(p_all)), "steps": step_err}
 
 
 def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, threads: int | None = None,
-              sampling: SamplingParams = SamplingParams(), report_path: str | Path | None = None,
-              low_memory: bool = False) -> dict:
+              sampling: SamplingParams = SamplingParams()) -> dict:
     """Build Q/DQ artifacts in ``out``; returns the report (``report['passed']``)."""
     src = Path(artifacts)
     m = Manifest.read(src)
@@ -217,9 +200,9 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
         raise ArtifactError(f"{out} exists and is not a restok export; refusing to overwrite it")
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --artifacts")
-    import onnx
+    from restok.export.exporter import export_files
 
-    ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m, low_memory=low_memory)
+    ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m)
     labels = _labels(opts.classes, opts.samples, m.num_classes)
     dynamic = opts.precision == "int8-dynamic"
     if dynamic:  # ranges are measured per call at run time: nothing to trace
@@ -227,53 +210,58 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
     else:
         print(f"restok calibrate: tracing {len(labels)} FP32 generations", file=sys.stderr)
         traces = collect_traces(ref, labels, sampling, opts.seed)
-    stage = staging_dir(out)
+    report = {}
     try:
-        print(f"restok calibrate: {opts.precision} graphs", file=sys.stderr)
-        steps = [f"step{i}" for i in range(m.num_steps)]
-        rep_g, idx_g = _quantize_folder(src, stage, m, "generator", steps, traces, opts, threads)
-        tok_names = [n for n in ("decoder", "encoder") if n in m.graphs]
-        rep_t, idx_t = _quantize_folder(src, stage, m, "tokenizer", tok_names, traces, opts, threads)
-        nm = Manifest.from_dict(m.to_dict())
-        nm.precision = opts.precision
-        nm.fallback = {}  # the past/present set of an in-place export is not quantized: calibrate a concat export for it
-        nm.weights = {"generator/weights.bin": idx_g, "tokenizer/weights.bin": idx_t}
-        nm.files = {rel: {} for rel in [*(g.file for g in nm.graphs.values()), "generator/weights.bin", "tokenizer/weights.bin"]}
-        nm.tools = {**m.tools, "onnx": onnx.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-                    "quantizer": "restok.calibration.qdq"}
-        nm.calibration = {
-            "precision": opts.precision,
-            "method": {"int8-weight-only": "weights only", "int8-dynamic": "dynamic (activation range per call)"}.get(
-                opts.precision, "max" if opts.method == "max" else f"percentile {opts.percentile:g}"),
-            "scheme": ("int8 symmetric per-channel weights; uint8 per-tensor activations quantized per call "
-                       "(ONNX Runtime DynamicQuantizeMatMul; CPU only, not TensorRT)") if dynamic else
-                      "symmetric; per-channel weights; per-tensor activations",
-            "samples": len(labels), "classes": sorted(set(labels)), "seed": opts.seed,
-            "sampling": sampling.__dict__, "from": str(src.resolve()), "from_sha256": {k: v["sha256"] for k, v in m.files.items()},
-            "graphs": {**rep_g, **rep_t},
-        }
-        # the gate, before anything is published
-        nm_tmp = stage / MANIFEST_NAME
-        nm.write(stage)
-        cand = Pipeline(stage, "onnxruntime", threads=threads, low_memory=low_memory)
-        q = quality_report(ref, cand, opts.gate_images, opts.gate_seed, sampling, opts.classes)
-        cand.close()
-        gate = {"min_token_agreement": opts.min_token_agreement, "min_psnr_db": opts.min_psnr}
-        passed = q["token_agreement"] >= opts.min_token_agreement and q["decoder_psnr_db"] >= opts.min_psnr
-        report = {"precision": opts.precision, "out": str(out), "passed": passed, "gate": gate, "quality": q,
-                  "calibration": {k: v for k, v in nm.calibration.items() if k != "graphs"},
-                  "quantized_nodes": {k: v["quantized_nodes"] for k, v in nm.calibration["graphs"].items()}}
-        if passed:
-            nm.calibration["quality"] = {**q, "gate": gate}
-            nm_tmp.unlink()
-            nm.write(stage)
-            replace_dir(stage, out)
-        if report_path:
-            from restok.fileutil import atomic_write_bytes
-
-            atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
-        return report
+        with staged(out, owned=export_files) as stage:
+            report = _calibrate_into(stage, src, out, m, ref, traces, labels, opts, threads, sampling)
+            if not report["passed"]:
+                raise Discard
     finally:
         ref.close()
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _calibrate_into(stage, src, out, m, ref, traces, labels, opts, threads, sampling) -> dict:
+    import onnx
+
+    dynamic = opts.precision == "int8-dynamic"
+    print(f"restok calibrate: {opts.precision} graphs", file=sys.stderr)
+    rep_g, idx_g = _quantize_folder(src, stage, m, "generator", ["generator"], traces, opts, threads)
+    tok_names = [n for n in ("decoder", "encoder") if n in m.graphs]
+    rep_t, idx_t = _quantize_folder(src, stage, m, "tokenizer", tok_names, traces, opts, threads)
+    nm = Manifest.from_dict(m.to_dict())
+    nm.precision = opts.precision
+    nm.fallback = {}  # the past/present set of an in-place export is not quantized: calibrate a concat export for it
+    nm.weights = {"generator/weights.bin": idx_g, "tokenizer/weights.bin": idx_t}
+    nm.files = {rel: {} for rel in [*(g.file for g in nm.graphs.values()), "generator/weights.bin", "tokenizer/weights.bin"]}
+    nm.tools = {**m.tools, "onnx": onnx.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+                "quantizer": "restok.calibration.qdq"}
+    nm.calibration = {
+        "precision": opts.precision,
+        "method": {"int8-weight-only": "weights only", "int8-dynamic": "dynamic (activation range per call)"}.get(
+            opts.precision, "max" if opts.method == "max" else f"percentile {opts.percentile:g}"),
+        "scheme": ("int8 symmetric per-channel weights; uint8 per-tensor activations quantized per call "
+                   "(ONNX Runtime DynamicQuantizeMatMul; CPU only, not TensorRT)") if dynamic else
+                  "symmetric; per-channel weights; per-tensor activations",
+        "samples": len(labels), "classes": sorted(set(labels)), "seed": opts.seed,
+        "sampling": sampling.to_dict(), "from": str(src.resolve()), "from_sha256": {k: v["sha256"] for k, v in m.files.items()},
+        "graphs": {**rep_g, **rep_t},
+    }
+    # the gate, before anything is published
+    nm_tmp = stage / MANIFEST_NAME
+    nm.write(stage)
+    cand = Pipeline(stage, "onnxruntime", threads=threads)
+    try:
+        q = quality_report(ref, cand, opts.gate_images, opts.gate_seed, sampling, opts.classes)
+    finally:
+        cand.close()
+    gate = {"min_token_agreement": opts.min_token_agreement, "min_psnr_db": opts.min_psnr}
+    passed = q["token_agreement"] >= opts.min_token_agreement and q["decoder_psnr_db"] >= opts.min_psnr
+    report = {"precision": opts.precision, "out": str(out), "passed": passed, "gate": gate, "quality": q,
+              "calibration": {k: v for k, v in nm.calibration.items() if k != "graphs"},
+              "quantized_nodes": {k: v["quantized_nodes"] for k, v in nm.calibration["graphs"].items()}}
+    if passed:
+        nm.calibration["quality"] = {**q, "gate": gate}
+        nm_tmp.unlink()
+        nm.write(stage)
+    return report

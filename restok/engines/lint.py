@@ -1,9 +1,13 @@
 """Check, without TensorRT, that a graph only uses what TensorRT's ONNX parser accepts.
 
-The support facts come from the onnx-tensorrt operator matrix for TensorRT 10.15 (opsets 9 to 24): which
+The support facts come from the onnx-tensorrt operator matrix (docs/operators.md) at the commits that
+TensorRT pins: 10.3 (62bdde2; bracketed by the 10.1-GA branch and the 10.6 file, identical for every
+operator restok emits except Slice axes), 10.14 (c727277), 10.15 (fa5aa9f) and 11.1 (7c51a63): which
 operators parse, with which tensor types, and the static restrictions (zero points of Q/DQ, constant
-reduce axes, TopK's K below 3840 and sorted, 4-D TensorScatter on axis -2, 4-D Attention without past/present,
-Resize modes, ...). Anything this lint cannot decide statically is not claimed.
+reduce axes, TopK's K below 3840 and sorted, 4-D TensorScatter on axis -2 over a float cache taken from a
+network input and returned as a network output, 4-D Attention without past/present, Resize modes, ...).
+``MIN_TENSORRT`` records operators that newer versions added; ``LintReport.min_tensorrt`` is what a graph
+needs. Anything this lint cannot decide statically is not claimed.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "RotaryEmbedding": FLOATS, "Round": FLOATS, "ScatterElements": NUMERIC, "ScatterND": NUMERIC, "Shape": ANY,
     "Sigmoid": FLOATS, "Sign": NUMERIC, "Sin": FLOATS, "Size": ANY, "Slice": ANY, "Softmax": FLOATS, "Split": ANY,
     "Sqrt": FLOATS, "Squeeze": ANY, "Sub": NUMERIC, "Sum": NUMERIC, "Tanh": FLOATS,
-    "TensorScatter": (F, H, B16, I32), "Tile": ANY, "TopK": NUMERIC, "Transpose": ANY, "Trilu": ANY,
+    # the matrix also lists INT32, but the KV-cache update layer it maps to takes float/half/bf16 caches only
+    "TensorScatter": FLOATS, "Tile": ANY, "TopK": NUMERIC, "Transpose": ANY, "Trilu": ANY,
     "Unsqueeze": ANY, "Where": ANY, "Xor": (BOOL,),
 }
 UNSUPPORTED = {"BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Bernoulli", "Col2Im", "Compress",
@@ -48,6 +53,9 @@ UNSUPPORTED = {"BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor"
                "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer"}
 # the ones that make CUDA-graph capture or static engines fragile (DESIGN: avoid)
 DISCOURAGED = {"If", "Loop", "Scan", "NonZero", "RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"}
+# operators the 10.3 parser does not have (first version that parses them); CumSum parses from 10.3 but as a
+# sequential loop over the axis until 10.8 (ICumulativeLayer), which is why restok's sampler avoids it
+MIN_TENSORRT = {"Attention": (10, 14), "TensorScatter": (10, 15), "RotaryEmbedding": (10, 15)}
 RESIZE_MODES = {"nearest", "linear"}
 RESIZE_COORD = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
@@ -63,6 +71,11 @@ class LintReport:
     ops: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def min_tensorrt(self) -> tuple[int, int]:
+        """The oldest TensorRT whose parser takes every operator of the graph (restok builds from 10.3)."""
+        return max([(10, 3)] + [MIN_TENSORRT[op] for op in self.ops if op in MIN_TENSORRT])
 
     @property
     def ok(self) -> bool:
@@ -102,6 +115,8 @@ def lint_model(model, path: str = "<model>", base_dir: str = "") -> LintReport:
         types[t.name] = _ELEM.get(t.data_type, str(t.data_type))
         inits[t.name] = t
     consts = set(inits) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    graph_inputs = {v.name for v in model.graph.input}
+    graph_outputs = {v.name for v in model.graph.output}
     for v in list(inferred.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if types.get(v.name) == "double":
             rep.errors.append(f"tensor {v.name} is float64: TensorRT casts DOUBLE down (precision loss); export in float32")
@@ -152,6 +167,13 @@ def lint_model(model, path: str = "<model>", base_dir: str = "") -> LintReport:
                 rep.errors.append(f"{where}: axis must be -2")
             if any(ranks.get(i, 4) != 4 for i in node.input[:2]):
                 rep.errors.append(f"{where}: past_cache and update must be 4-D")
+            if node.input[0] not in graph_inputs:
+                rep.errors.append(f"{where}: the cache must be a network input (TensorRT's KV-cache update is in place)")
+            if node.output[0] not in graph_outputs:
+                rep.errors.append(f"{where}: the updated cache must be a network output")
+            mode = _attr(node, "mode", b"linear")
+            if (mode.decode() if isinstance(mode, bytes) else mode) != "linear":
+                rep.errors.append(f"{where}: only mode 'linear' is supported")
         if op == "Attention":
             bad = [i for i in node.input[:4] if i and ranks.get(i, 4) != 4]
             if bad:
@@ -192,6 +214,6 @@ def lint_artifacts(folder: str | Path) -> dict[str, LintReport]:
     folder = Path(folder)
     m = Manifest.read(folder, verify=False)
     reports = {name: lint_file(folder / g.file) for name, g in m.graphs.items()}
-    for name, g in m.fallback.get("graphs", {}).items():  # the past/present set for TensorRT < 10.15
-        reports[f"{name}.{m.fallback['kv_cache']}"] = lint_file(folder / g["file"])
+    if m.fallback:  # the past/present generator for TensorRT < 10.15
+        reports[f"generator.{m.fallback['kv_cache']}"] = lint_file(folder / m.fallback["generator"]["file"])
     return reports

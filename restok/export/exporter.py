@@ -1,10 +1,11 @@
-"""Export the generator (one graph per HAR step) and the tokenizer (decoder, encoder) to ONNX.
+"""Export the generator (one graph for every HAR pass and batch size) and the tokenizer (decoder, encoder).
 
 The export is built in a sibling staging folder and swapped in only when complete, with manifest.json
-written last: an export killed half way leaves the previous export (or nothing) in place, never a folder
-that looks valid. Weights are written once per model into a shared external-data file
-(``generator/weights.bin``, ``tokenizer/weights.bin``), deduplicated by content across the step graphs,
-so the nine step graphs cost the disk space of one model.
+written last: an export killed at any instant leaves the previous export (or nothing) at the path, never a
+folder that looks valid, and files restok did not write there (engines, Polygraphy files) are kept.
+Weights are written once per model into an external-data file (``generator/weights.bin``,
+``tokenizer/weights.bin``), deduplicated by content, so an in-place export's past/present fallback graph
+costs no second copy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -26,42 +26,53 @@ from typing import Callable
 import torch
 
 import restok
-from restok.export.modules import DecoderGraph, EncoderGraph, GeneratorStepGraph
-from restok.fileutil import replace_dir, staging_dir
-from restok.manifest import MANIFEST_NAME, PRECISIONS, ArtifactError, GraphSpec, Manifest, TensorSpec
+from restok.export.modules import DecoderGraph, EncoderGraph, GeneratorGraph
+from restok.fileutil import staged
+from restok.manifest import (DEFAULT_MAX_BATCH, KV_CACHES, MANIFEST_NAME, ONNX_DTYPES, PRECISIONS, ArtifactError,
+                             GraphSpec, Manifest, TensorSpec)
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 
 DEFAULT_OPSET = 20
-FALLBACK_OPSET = 20  # the past/present fallback of an inplace export: parsed by every TensorRT 10.x
+INPLACE_OPSET = 24  # ONNX TensorScatter
+FALLBACK_OPSET = 20  # the past/present fallback of an inplace export and its tokenizer graphs: every TensorRT 10.x
 ALIGN = 4096  # external-data offsets, so the weights file can be memory-mapped
 MIN_EXTERNAL_BYTES = 1024
-
-_ONNX_DTYPES = {11: "float64", 1: "float32", 3: "int8", 17: "float8e4m3fn", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
 @dataclass
 class ExportOptions:
     precision: str = "fp32"
-    batch: int = 1
+    max_batch: int = DEFAULT_MAX_BATCH  # every graph takes 1..max_batch images; TensorRT profiles end there
     guided: bool = True
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # default: 20, or 24 with the in-place KV cache
     encoder: bool = True
     kv_cache: str = "concat"  # concat (past/present, any TensorRT) | inplace (TensorScatter, opset 24, TensorRT >= 10.15)
-    # inplace only: also write past/present step graphs (opset 20, same weights.bin) for TensorRT < 10.15
+    # inplace only: also write a past/present generator graph (opset 20, same weights.bin) for TensorRT < 10.15
     concat_fallback: bool = True
 
+    @property
+    def generator_opset(self) -> int:
+        return self.opset or (INPLACE_OPSET if self.kv_cache == "inplace" else DEFAULT_OPSET)
+
+    @property
+    def tokenizer_opset(self) -> int:
+        """The tokenizer graphs of an in-place export are built by TensorRT < 10.15 too: fallback opset (fp32
+        attention at opset >= 23 becomes ONNX Attention, which TensorRT parses only from 10.14)."""
+        return FALLBACK_OPSET if self.kv_cache == "inplace" else self.generator_opset
+
     def validate(self) -> None:
-        if self.kv_cache not in ("concat", "inplace"):
-            raise ValueError(f"kv_cache must be concat or inplace, got {self.kv_cache!r}")
-        if self.kv_cache == "inplace" and self.opset < 24:
-            raise ValueError("--kv-cache inplace needs opset 24 (ONNX TensorScatter); use --opset 24")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if not 18 <= self.opset <= 24:
-            raise ValueError(f"opset must be in [18, 24], got {self.opset}")
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 1024:
+            raise ValueError(f"max batch must be an integer in [1, 1024], got {self.max_batch!r}")
+        op = self.generator_opset
+        if not 18 <= op <= 24:
+            raise ValueError(f"opset must be in [18, 24], got {op}")
+        if self.kv_cache == "inplace" and op < INPLACE_OPSET:
+            raise ValueError("--kv-cache inplace needs opset 24 (ONNX TensorScatter); use --opset 24")
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -102,21 +113,36 @@ def _quiet_exporter():
             lg.setLevel(lvl)
 
 
-def _export_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, path: Path, opset: int) -> None:
+def _export_onnx(module: torch.nn.Module, path: Path, opset: int, max_batch: int) -> None:
+    """One graph with the module's signature: names in order, every symbolic dimension dynamic."""
+    ins, outs = module.signature()
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
-            module, args, str(path), input_names=list(input_names), output_names=list(output_names),
-            opset_version=opset, dynamo=True, external_data=True,
+            module, module.example_inputs(), str(path), input_names=[t.name for t in ins],
+            output_names=[t.name for t in outs], opset_version=opset, dynamo=True, external_data=True,
+            dynamic_shapes=module.dynamic_shapes(max_batch),
         )
 
 
-def _specs(values) -> tuple[TensorSpec, ...]:
-    out = []
-    for v in values:
+def check_signature(model, specs: tuple[TensorSpec, ...], outputs: bool, where: str) -> None:
+    """The ONNX graph's inputs/outputs must be the declared ones: same names in order, dtypes, static sizes,
+    and a symbolic dimension wherever the signature has a symbol (the exporter must not specialise one)."""
+    values = list(model.graph.output if outputs else model.graph.input)
+    if [v.name for v in values] != [t.name for t in specs]:
+        raise RuntimeError(f"{where}: graph {'outputs' if outputs else 'inputs'} {[v.name for v in values]} "
+                           f"differ from the declared {[t.name for t in specs]}")
+    for v, t in zip(values, specs):
         tt = v.type.tensor_type
-        out.append(TensorSpec(v.name, tuple(int(d.dim_value) for d in tt.shape.dim), _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))))
-    return tuple(out)
+        dtype = ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))
+        dims = list(tt.shape.dim)
+        if dtype != t.dtype or len(dims) != len(t.shape):
+            raise RuntimeError(f"{where}: {v.name} is {dtype} of rank {len(dims)}, declared {t.dtype} {t.shape}")
+        for d, want in zip(dims, t.shape):
+            static = d.HasField("dim_value")
+            if (isinstance(want, int) and (not static or d.dim_value != want)) or (isinstance(want, str) and static):
+                raise RuntimeError(f"{where}: {v.name} has shape {[x.dim_value if x.HasField('dim_value') else x.dim_param for x in dims]}, "
+                                   f"declared {list(t.shape)}")
 
 
 class WeightsFile:
@@ -151,7 +177,7 @@ class WeightsFile:
             off, length = self.offsets[key]
             new_name = f"w_{key[:24]}"
             self.index[new_name] = {"offset": off, "shape": [int(d) for d in init.dims],
-                                    "dtype": _ONNX_DTYPES.get(init.data_type, str(init.data_type))}
+                                    "dtype": ONNX_DTYPES.get(init.data_type, str(init.data_type))}
             renames[init.name] = new_name
             init.name = new_name
             init.ClearField("raw_data")
@@ -207,6 +233,15 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="graph", file=sys.stderr, disable=None)
 
 
+def export_files(folder: Path) -> list[str]:
+    """The files an export wrote into ``folder`` (from its manifest); nothing if it has no readable one."""
+    try:
+        m = Manifest.read(folder, verify=False)
+    except (ArtifactError, OSError):
+        return []
+    return [MANIFEST_NAME, *m.files]
+
+
 def export_artifacts(
     tokenizer: ResTok,
     generator: HARGenerator,
@@ -223,16 +258,11 @@ def export_artifacts(
         raise ValueError("the tokenizer and the generator do not belong together (codebook/vocab or token count differ)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
-        raise ArtifactError(f"{out} exists and is not a restok export; refusing to overwrite it (choose another --out)")
-    staging = staging_dir(out)
-    try:
-        manifest = _export_into(staging, tokenizer, generator, opts, source or {}, progress, on_graph)
-        manifest.write(staging)
-        replace_dir(staging, out)
-        return manifest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"{out} exists and is not a restok export; refusing to write into it (choose another --out)")
+    with staged(out, owned=export_files) as stage:
+        manifest = _export_into(stage, tokenizer, generator, opts, source or {}, progress, on_graph)
+        manifest.write(stage)
+    return manifest
 
 
 def _for_export(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -264,29 +294,17 @@ def _export_into(staging, tokenizer, generator, opts, source, progress, on_graph
 
 def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progress, on_graph) -> Manifest:
     schedule = gen.schedule
-    # (graph name, module, opset): the step graphs, then the past/present fallback set of an inplace export
-    steps = [(f"step{i}", GeneratorStepGraph(gen, schedule, i, opts.guided, opts.kv_cache), opts.opset)
-             for i in range(schedule.num_steps)]
-    fallback = opts.kv_cache == "inplace" and opts.concat_fallback
-    if fallback:
-        steps += [(f"step{i}.concat", GeneratorStepGraph(gen, schedule, i, opts.guided, "concat"), FALLBACK_OPSET)
-                  for i in range(schedule.num_steps)]
-    tok_graphs = {"decoder": DecoderGraph(tok)}
+    # (graph name, folder, module, opset): the generator, its past/present fallback, the tokenizer graphs
+    graphs = [("generator", "generator", GeneratorGraph(gen, opts.guided, opts.kv_cache), opts.generator_opset)]
+    if opts.kv_cache == "inplace" and opts.concat_fallback:
+        graphs.append(("generator.concat", "generator", GeneratorGraph(gen, opts.guided, "concat"), FALLBACK_OPSET))
+    graphs.append(("decoder", "tokenizer", DecoderGraph(tok), opts.tokenizer_opset))
     if opts.encoder:
-        tok_graphs["encoder"] = EncoderGraph(tok)
-    graphs: dict[str, GraphSpec] = {}
-    bar = _progress(len(steps) + len(tok_graphs), "exporting") if progress else None
+        graphs.append(("encoder", "tokenizer", EncoderGraph(tok), opts.tokenizer_opset))
+    bar = _progress(len(graphs), "exporting") if progress else None
     try:
-        for name, m, opset in steps:
-            _export_onnx(m, m.example_inputs(opts.batch), m.input_names(), m.output_names(),
-                         staging / "generator" / f"{name}.raw.onnx", opset)
-            if on_graph:
-                on_graph(name)
-            if bar:
-                bar.update(1)
-        for name, m in tok_graphs.items():
-            _export_onnx(m, m.example_inputs(opts.batch), m.input_names(), m.output_names(),
-                         staging / "tokenizer" / f"{name}.raw.onnx", opts.opset)
+        for name, folder, module, opset in graphs:
+            _export_onnx(module, staging / folder / f"{name}.raw.onnx", opset, opts.max_batch)
             if on_graph:
                 on_graph(name)
             if bar:
@@ -296,30 +314,28 @@ def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progre
             bar.close()
     import onnx
 
-    files, weights, fallback_graphs = {}, {}, {}
-    for folder, names, kind_of in (
-        ("generator", [name for name, _, _ in steps], lambda n: "generator_step"),
-        ("tokenizer", list(tok_graphs), lambda n: n),
-    ):
+    files, weights, specs = {}, {}, {}
+    for folder in ("generator", "tokenizer"):
+        names = [name for name, f, _, _ in graphs if f == folder]
         finished, index = _finish_graphs(staging, folder, names)
         files[f"{folder}/weights.bin"] = {}
         weights[f"{folder}/weights.bin"] = index
         for name, path in finished.items():
+            module, opset = next((m, o) for n, _, m, o in graphs if n == name)
             model = onnx.load(str(path), load_external_data=False)
+            ins, outs = module.signature()
+            check_signature(model, ins, False, str(path))
+            check_signature(model, outs, True, str(path))
             rel = f"{folder}/{name}.onnx"
             files[rel] = {}
-            key = name.split(".")[0]  # step3.concat -> step3
-            spec = GraphSpec(key, rel, kind_of(name), _specs(model.graph.input), _specs(model.graph.output),
-                             int(key[4:]) if key.startswith("step") else None)
-            if name.endswith(".concat"):
-                fallback_graphs[key] = spec.to_dict()
-            else:
-                graphs[key] = spec
+            specs[name] = GraphSpec(name.split(".")[0], rel, ins, outs, opset)
+    fallback = specs.pop("generator.concat", None)
     return Manifest(
-        precision=opts.precision, batch=opts.batch, guided=opts.guided, opset=opts.opset, kv_cache=opts.kv_cache,
-        fallback={"kv_cache": "concat", "opset": FALLBACK_OPSET, "graphs": fallback_graphs} if fallback_graphs else {},
+        precision=opts.precision, max_batch=opts.max_batch, guided=opts.guided, opset=opts.generator_opset,
+        kv_cache=opts.kv_cache,
+        fallback={"kv_cache": "concat", "opset": FALLBACK_OPSET, "generator": fallback.to_dict()} if fallback else {},
         schedule=schedule.to_dict(), tokenizer=tokenizer.cfg.to_dict(), generator=generator.cfg.to_dict(),
-        graphs=graphs, files=files, weights=weights,
+        graphs=specs, files=files, weights=weights,
         source={**source, "tokenizer_sha256": state_dict_sha256(tokenizer), "generator_sha256": state_dict_sha256(generator)},
         tools=_tool_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

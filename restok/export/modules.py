@@ -1,48 +1,101 @@
-"""The modules that become graphs: one per HAR step (with sampling inside), the tokenizer decoder and encoder.
+"""The modules that become graphs: the generator (one graph for every HAR pass, sampling inside), the
+tokenizer decoder and encoder, and the two KV-cache forms the generator graph can be exported with.
 
-Each module has fixed input shapes (a static graph per step: new positions and cached length are
-constants), takes everything that varies at run time as an input (token ids, KV cache, noise, CFG scale,
-temperature, top-k, top-p) and bakes the rest (mask rows, RoPE tables) in as constants.
+Every shape that differs between passes or runs is a graph dimension: the batch, the number of new
+positions and the cached length. What a pass needs that used to be baked in as constants (its RoPE
+positions, which special-token rows it embeds) is a small input the runtime computes once from
+``restok.schedule`` (``HARStep.position_ids``, ``HARStep.embed_sources``). Each module declares its
+graph signature (``signature()``: names, symbolic shapes, dtypes, roles) and the exporter writes it into
+the manifest, where the runtime's binding plan reads it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from restok.manifest import TensorSpec
 from restok.models.generator import HARGenerator
-from restok.models.layers import ConcatKV, ScatterKV
 from restok.models.tokenizer import ResTok
-from restok.sampling import sample_tokens
-from restok.schedule import HARSchedule
+from restok.noise import NOISE_KEYS, check_capacity
+from restok.sampling import gumbel_noise, sample_tokens
+from restok.schedule import EMBED_CLASS
 
 SAMPLING_INPUTS = ("cfg_scale", "temperature", "top_k", "top_p")
 KV_CACHES = ("concat", "inplace")
 
 
-class GeneratorStepGraph(nn.Module):
-    """One pass of the schedule: embeddings -> transformer over the KV cache -> logits -> sampled tokens.
+# --------------------------------------------------------------------------------- KV-cache forms
 
-    Inputs: ``labels`` [R] (step 0) or ``tokens`` [R, n_in] (the previous pass's ``next_tokens``),
-    ``noise`` [B, n, V] Gumbel, ``cfg_scale``/``temperature``/``top_p`` float32 [1], ``top_k`` int64 [1],
-    then ``past_key_{l}``/``past_value_{l}`` [R, H, cached, hd] per layer (none for step 0).
-    Outputs: ``next_tokens`` [R, n] (duplicated for the unconditional rows, so it feeds the next pass
-    as is), ``logits`` [R, n, V] float32, ``present_key_{l}``/``present_value_{l}`` [R, H, cached+n, hd].
-    R = 2B with guidance (rows B.. carry the null class), B without.
 
-    With ``kv_cache="inplace"`` every pass instead takes the whole fixed-size cache ``cache_key_{l}`` /
-    ``cache_value_{l}`` [R, H, seq_len, hd], writes its positions with ONNX TensorScatter and returns it as
-    ``cache_key_out_{l}`` / ``cache_value_out_{l}``: a runtime binds input and output to one buffer, and
-    attention runs over all slots with the unwritten ones masked.
+class ConcatKV:
+    """The functional past/present cache: the past comes in as an input and present = past ++ new goes out
+    (``present_*`` after pass i is exactly ``past_*`` of pass i+1; the past of pass 0 has length 0)."""
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
+        self.k, self.v = past_k, past_v
+
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """cache[:, :, start:start+n] = update, functionally (``start`` int64 [1]). Exported as ONNX
+    TensorScatter (opset 24), which TensorRT >= 10.15 turns into its in-place KV-cache update layer."""
+    if torch.onnx.is_in_onnx_export():
+        idx = start.expand(cache.shape[0])
+        return torch.onnx.ops.symbolic("TensorScatter", (cache, update, idx), dict(axis=-2, mode="linear"),
+                                       dtype=cache.dtype, shape=cache.shape, version=24)
+    s = int(start.reshape(-1)[0])
+    return torch.cat([cache[:, :, :s], update, cache[:, :, s + update.shape[2]:]], dim=2)
+
+
+class ScatterKV:
+    """The fixed-size cache: the whole cache [R, H, max_len, hd] comes in, is updated at this pass's positions
+    and goes out (bound to the same buffer at run time: an in-place update)."""
+
+    def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor):
+        self.k, self.v = cache_k, cache_v
+
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = tensor_scatter(self.k, k, start), tensor_scatter(self.v, v, start)
+        return self.k, self.v
+
+
+# ------------------------------------------------------------------------------------ generator
+
+
+def _clip_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """ids clamped to [0, size) with Where (not clamp: TensorRT's Clip takes floats only, and the exporter's
+    optimizer turns integer Max/Min with constants into Clip)."""
+    hi = torch.where(ids < size, ids, ids.new_tensor(size - 1))
+    return torch.where(hi < 0, hi.new_tensor(0), hi)
+
+
+
+class GeneratorGraph(nn.Module):
+    """Any pass of the schedule: embeddings -> transformer over the KV cache -> logits -> sampled tokens.
+
+    Inputs (R = 2B rows with guidance, rows B.. carrying the null class; R = B without; n new positions):
+    ``tokens`` int64 [R, n] (column p: the class label where ``embed_sources[p]`` is EMBED_CLASS, the image
+    token where it is EMBED_TOKEN, ignored at special positions), ``embed_sources`` int64 [n],
+    ``positions`` int64 [n] (contiguous, the first is the cached length; position p predicts token p),
+    ``noise_keys`` int32 [B, NOISE_KEYS] (each image's keys of the in-graph Gumbel generator,
+    ``restok.noise``), ``cfg_scale``/``temperature``/``top_p`` float32 [B], ``top_k`` int64 [B],
+    then per layer ``past_key_{l}``/``past_value_{l}`` [R, H, past, hd] (concat) or
+    ``cache_key_{l}``/``cache_value_{l}`` [R, H, seq_len, hd] (inplace, updated with TensorScatter).
+    Outputs: ``next_tokens`` int64 [R, n] (the B sampled rows, repeated for the unconditional rows),
+    ``logits`` float32 [R, n, V], then ``present_*`` [R, H, past + n, hd] or ``cache_*_out`` (in place).
     """
 
-    def __init__(self, gen: HARGenerator, schedule: HARSchedule, index: int, guided: bool, kv_cache: str = "concat"):
+    def __init__(self, gen: HARGenerator, guided: bool, kv_cache: str = "concat"):
         super().__init__()
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        check_capacity(gen.cfg.block_size, gen.cfg.vocab_size)
         self.gen = gen
-        self.schedule = schedule
-        self.step = schedule.steps[index]
         self.guided = guided
         self.kv_cache = kv_cache
 
@@ -50,51 +103,91 @@ class GeneratorStepGraph(nn.Module):
     def num_layers(self) -> int:
         return len(self.gen.layers)
 
-    def input_names(self) -> list[str]:
-        first = "labels" if self.step.class_input else "tokens"
+    def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """(inputs, outputs) with symbolic shapes: batch, rows, new, past, total."""
+        cfg, sched = self.gen.cfg, self.gen.schedule
+        kvh, hd = cfg.n_kv_head or cfg.n_head, cfg.dim // cfg.n_head
+        dt = "float16" if self.gen.tok_embeddings.weight.dtype == torch.float16 else "float32"
+        ins = [TensorSpec("tokens", ("rows", "new"), "int64", "tokens"),
+               TensorSpec("embed_sources", ("new",), "int64", "embed_sources"),
+               TensorSpec("positions", ("new",), "int64", "positions"),
+               TensorSpec("noise_keys", ("batch", NOISE_KEYS), "int32", "noise_keys")]
+        ins += [TensorSpec(n, ("batch",), "int64" if n == "top_k" else "float32", "sampling") for n in SAMPLING_INPUTS]
+        outs = [TensorSpec("next_tokens", ("rows", "new"), "int64", "next_tokens"),
+                TensorSpec("logits", ("rows", "new", cfg.vocab_size), "float32", "logits")]
+        layers = [(i, kv) for i in range(self.num_layers) for kv in ("key", "value")]
         if self.kv_cache == "inplace":
-            past = [f"cache_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+            shape = ("rows", kvh, sched.seq_len, hd)
+            ins += [TensorSpec(f"cache_{kv}_{i}", shape, dt, "kv_cache") for i, kv in layers]
+            outs += [TensorSpec(f"cache_{kv}_out_{i}", shape, dt, "kv_cache_out", aliases=f"cache_{kv}_{i}")
+                     for i, kv in layers]
         else:
-            past = [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")] if self.step.cached else []
-        return [first, "noise", *SAMPLING_INPUTS, *past]
+            ins += [TensorSpec(f"past_{kv}_{i}", ("rows", kvh, "past", hd), dt, "kv_past") for i, kv in layers]
+            outs += [TensorSpec(f"present_{kv}_{i}", ("rows", kvh, "total", hd), dt, "kv_present",
+                                feeds=f"past_{kv}_{i}") for i, kv in layers]
+        return tuple(ins), tuple(outs)
 
-    def output_names(self) -> list[str]:
-        fmt = "cache_{kv}_out_{i}" if self.kv_cache == "inplace" else "present_{kv}_{i}"
-        return ["next_tokens", "logits", *[fmt.format(kv=kv, i=i) for i in range(self.num_layers) for kv in ("key", "value")]]
-
-    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
-        st, cfg = self.step, self.gen.cfg
+    def example_inputs(self, batch: int = 2, new: int = 4, past: int = 4) -> tuple[torch.Tensor, ...]:
+        """Inputs of a made-up pass (sizes >= 2 everywhere, so the exporter keeps every dimension symbolic)."""
+        cfg, sched = self.gen.cfg, self.gen.schedule
         R = 2 * batch if self.guided else batch
-        dev, dtype = self.gen.tok_embeddings.weight.device, self.gen.tok_embeddings.weight.dtype
-        if st.class_input:
-            first = torch.arange(R, device=dev) % cfg.num_classes
-        else:
-            first = torch.arange(R * len(st.token_inputs), device=dev).reshape(R, -1) % cfg.vocab_size
-        noise = torch.zeros(batch, st.num_new, cfg.vocab_size, device=dev)
-        scalars = (torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.9]))
-        hd = cfg.dim // cfg.n_head
-        kvh = cfg.n_kv_head or cfg.n_head
-        if self.kv_cache == "inplace":
-            past = tuple(torch.zeros(R, kvh, self.schedule.seq_len, hd, device=dev, dtype=dtype) for _ in range(2 * self.num_layers))
-        else:
-            past = tuple(torch.zeros(R, kvh, st.cached, hd, device=dev, dtype=dtype)
-                         for _ in range(2 * self.num_layers)) if st.cached else ()
-        return (first, noise, *[t.to(dev) for t in scalars], *past)
+        w = self.gen.tok_embeddings.weight
+        dev, dtype = w.device, w.dtype
+        ins, _ = self.signature()
+        tokens = torch.arange(R * new, device=dev).reshape(R, new) % cfg.vocab_size
+        sources = torch.tensor([-1] * (new // 2) + list(range(new - new // 2)), device=dev)
+        positions = torch.arange(past, past + new, device=dev)
+        keys = torch.arange(batch * NOISE_KEYS, dtype=torch.int32, device=dev).reshape(batch, NOISE_KEYS)
+        sampling = (torch.full((batch,), 3.0), torch.ones(batch), torch.zeros(batch, dtype=torch.int64),
+                    torch.full((batch,), 0.9))
+        kvh, hd = cfg.n_kv_head or cfg.n_head, cfg.dim // cfg.n_head
+        length = sched.seq_len if self.kv_cache == "inplace" else past
+        kv = tuple(torch.zeros(R, kvh, length, hd, device=dev, dtype=dtype) for _ in range(2 * self.num_layers))
+        return (tokens, sources, positions, keys, *[t.to(dev) for t in sampling], *kv)
 
-    def forward(self, first, noise, cfg_scale, temperature, top_k, top_p, *past):
-        st = self.step
-        if st.class_input:
-            h = self.gen.embed_step(st, None, first)
-        else:
-            h = self.gen.embed_step(st, first, None)
+    def dynamic_shapes(self, max_batch: int) -> tuple:
+        """torch.export dimensions of every input, in order (rows = 2 * batch with guidance)."""
+        from torch.export import Dim
+
+        sched = self.gen.schedule
+        batch = Dim("batch", min=1, max=max_batch)
+        rows = 2 * batch if self.guided else batch
+        new = Dim("new", min=1, max=max(sched.new_positions))
+        shapes = [{0: rows, 1: new}, {0: new}, {0: new}, {0: batch}] + [{0: batch}] * len(SAMPLING_INPUTS)
         if self.kv_cache == "inplace":
-            caches = [ScatterKV(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-            # every slot is a key; the unwritten ones (later passes) are masked. 4-D for TensorRT's Attention.
-            mask = self.gen._mask(self.schedule, h.device)[..., st.cached : st.total, :]
+            kv = {0: rows}
         else:
-            caches = [ConcatKV(past[2 * i], past[2 * i + 1]) if past else ConcatKV() for i in range(self.num_layers)]
-            mask = self.gen._mask(self.schedule, h.device)[..., st.cached : st.total, : st.total]
-        logits = self.gen._run(h, slice(st.cached, st.total), mask, caches, st.cached)
+            kv = {0: rows, 2: Dim("past", min=0, max=sched.seq_len - 1)}
+        return (*shapes, tuple([kv] * (2 * self.num_layers)))  # *kv is one positional group for torch.export
+
+    def embed(self, tokens: torch.Tensor, embed_sources: torch.Tensor) -> torch.Tensor:
+        """[R, n] ids + [n] sources -> [R, n, dim]: every table is gathered with clamped ids (columns that
+        a position does not use may hold anything) and the right one is selected per position."""
+        cfg = self.gen.cfg
+        cls_table = self.gen.cls_embedding.embedding_table.weight
+        spe_table = self.gen.spe_tok_embeddings.special_embeddings.weight
+        cls = F.embedding(_clip_ids(tokens, cls_table.shape[0]), cls_table)  # F.embedding: ONNX Gather
+        tok = F.embedding(_clip_ids(tokens, cfg.vocab_size), self.gen.tok_embeddings.weight)
+        spe = F.embedding(_clip_ids(embed_sources, spe_table.shape[0]), spe_table).unsqueeze(0)
+        src = embed_sources.reshape(1, -1, 1)
+        return torch.where(src >= 0, spe, torch.where(src == EMBED_CLASS, cls, tok))
+
+    def forward(self, tokens, embed_sources, positions, noise_keys, cfg_scale, temperature, top_k, top_p, *kv):
+        gen = self.gen
+        h = self.embed(tokens, embed_sources)
+        rope = tuple(F.embedding(positions, t) for t in gen.rope_tables(h.device))
+        start = positions[:1]
+        if self.kv_cache == "inplace":
+            caches = [ScatterKV(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
+            # every slot of the fixed-size cache is a key; the ones not written yet (later passes) are masked.
+            # A pass sees every position before its last one (HARSchedule.attention_mask); 4-D for TensorRT.
+            slots = torch.arange(kv[0].shape[2], device=h.device)
+            mask = (slots.unsqueeze(0) <= positions.unsqueeze(1)[-1:]).expand(positions.shape[0], -1)[None, None]
+        else:
+            caches = [ConcatKV(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
+            mask = None  # past ++ new: every key is visible
+        logits = gen.run_layers(h, rope, mask, caches, start)
+        noise = gumbel_noise(noise_keys, positions, self.gen.cfg.vocab_size)
         nxt = sample_tokens(logits, noise, cfg_scale=cfg_scale if self.guided else None,
                             temperature=temperature, top_k=top_k, top_p=top_p)
         if self.guided:
@@ -105,6 +198,9 @@ class GeneratorStepGraph(nn.Module):
         return tuple(out)
 
 
+# ------------------------------------------------------------------------------------ tokenizer
+
+
 class DecoderGraph(nn.Module):
     """``tokens`` [B, N] int64 -> ``images`` [B, 3, S, S] float32 (not clamped)."""
 
@@ -112,15 +208,19 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.tok = tok
 
-    def input_names(self) -> list[str]:
-        return ["tokens"]
+    def signature(self):
+        c = self.tok.cfg
+        return ((TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),),
+                (TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"),))
 
-    def output_names(self) -> list[str]:
-        return ["images"]
-
-    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         N, V = self.tok.cfg.num_latent_tokens, self.tok.cfg.codebook_size
         return (torch.arange(batch * N).reshape(batch, N) % V,)
+
+    def dynamic_shapes(self, max_batch: int) -> tuple:
+        from torch.export import Dim
+
+        return ({0: Dim("batch", min=1, max=max_batch)},)
 
     def forward(self, tokens):
         return self.tok.decode_codes(self.tok.quantize.lookup(tokens)).float()
@@ -133,15 +233,19 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.tok = tok
 
-    def input_names(self) -> list[str]:
-        return ["images"]
+    def signature(self):
+        c = self.tok.cfg
+        return ((TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"),),
+                (TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),))
 
-    def output_names(self) -> list[str]:
-        return ["tokens"]
-
-    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         s = self.tok.cfg.image_size
         return (torch.rand(batch, 3, s, s, generator=torch.Generator().manual_seed(0)),)
+
+    def dynamic_shapes(self, max_batch: int) -> tuple:
+        from torch.export import Dim
+
+        return ({0: Dim("batch", min=1, max=max_batch)},)
 
     def forward(self, images):
         dtype = self.tok.pixel_encoder.conv_in.weight.dtype

@@ -133,7 +133,8 @@ class HARGenerator(nn.Module):
     def vanilla_schedule(self) -> HARSchedule:
         return self.schedule.vanilla()
 
-    def _rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [seq_len, head_dim/2] for every sequence position (index them with a pass's positions)."""
         key = ("rope", str(device))
         if key not in self._tables:
             cos, sin = rope_1d(self.schedule.seq_len, self.cfg.dim // self.cfg.n_head, self.cfg.rope_base)
@@ -182,9 +183,10 @@ class HARGenerator(nn.Module):
             parts.append(rows.unsqueeze(0).expand(B, -1, -1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def _run(self, h: torch.Tensor, positions: slice, mask: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
-        cos, sin = self._rope(h.device)
-        rope = (cos[positions], sin[positions])
+    def run_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                   caches=None, start=0) -> torch.Tensor:
+        """Embeddings [B, n, dim] -> logits [B, n, vocab] (float32). ``rope``: cos/sin rows of the n positions;
+        ``caches``: one per layer (``update(start, k, v)`` returns every key/value the pass attends to)."""
         h = self.tok_dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i], start)
@@ -197,7 +199,7 @@ class HARGenerator(nn.Module):
         self.check_ids(ids)
         self.check_labels(labels, allow_null=True)
         h = torch.cat([self.embed_step(s, ids[:, list(s.token_inputs)], labels) for s in schedule.steps], dim=1)
-        return self._run(h, slice(0, schedule.seq_len), self._mask(schedule, ids.device))
+        return self.run_layers(h, self.rope_tables(h.device), self._mask(schedule, ids.device))
 
     def new_kv_caches(self, batch: int, schedule: HARSchedule | None = None, device=None, dtype=None) -> list[KVCache]:
         """One preallocated cache per layer, long enough for the whole schedule."""
@@ -221,7 +223,9 @@ class HARGenerator(nn.Module):
         schedule = schedule or self.schedule
         h = self.embed_step(step, tokens, labels)
         mask = self._mask(schedule, h.device)[..., step.cached : step.total, : step.total]
-        return self._run(h, slice(step.cached, step.total), mask, caches, step.cached)
+        cos, sin = self.rope_tables(h.device)
+        rope = (cos[step.cached : step.total], sin[step.cached : step.total])
+        return self.run_layers(h, rope, mask, caches, step.cached)
 
 
 __all__ = ["GeneratorConfig", "HARGenerator"]

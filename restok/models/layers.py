@@ -181,42 +181,6 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-class ConcatKV:
-    """A functional cache for exported graphs: the past comes in as an input and present = past ++ new
-    goes out (``present_*`` after step i is exactly ``past_*`` of step i+1)."""
-
-    def __init__(self, past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
-        self.k, self.v = past_k, past_v
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
-
-
-def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, start: int) -> torch.Tensor:
-    """cache[:, :, start:start+n] = update, functionally. Exported as ONNX TensorScatter (opset 24), which
-    TensorRT >= 10.15 turns into its in-place KV-cache update layer."""
-    if torch.onnx.is_in_onnx_export():
-        idx = torch.full((cache.shape[0],), start, dtype=torch.int64, device=cache.device)
-        return torch.onnx.ops.symbolic("TensorScatter", (cache, update, idx), dict(axis=-2, mode="linear"),
-                                       dtype=cache.dtype, shape=cache.shape, version=24)
-    return torch.cat([cache[:, :, :start], update, cache[:, :, start + update.shape[2]:]], dim=2)
-
-
-class ScatterKV:
-    """A fixed-size cache for exported graphs: the whole cache [B, H, max_len, hd] comes in, is updated at
-    this pass's positions and goes out (bound to the same buffer at run time: an in-place update)."""
-
-    def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor):
-        self.k, self.v = cache_k, cache_v
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k, self.v = tensor_scatter(self.k, k, start), tensor_scatter(self.v, v, start)
-        return self.k, self.v
-
-
 class KVCache(nn.Module):
     """A preallocated cache [B, kv_heads, max_len, head_dim]; a pass writes its new positions in place."""
 

@@ -13,106 +13,97 @@ from pathlib import Path
 import numpy as np
 
 from restok.manifest import ArtifactError, Manifest
-from restok.runtime.backend import Backend
+from restok.runtime.backend import HostBackend
 
 
-def load_source_models(manifest: Manifest, device: str = "cpu"):
-    """(tokenizer, generator) in float32 rebuilt from ``manifest.source``; weights verified by hash."""
+def load_source_models(manifest: Manifest, device: str = "cpu", reference: tuple | None = None):
+    """(tokenizer, generator) in float32 rebuilt from ``manifest.source`` (a preset with seeded weights, the
+    bundled model of this install, or checkpoints), or from ``reference`` = (tokenizer path, generator path)
+    when the recorded checkpoints moved; the weights must hash to what the export recorded."""
     from restok.checkpoints import load_generator, load_tokenizer
     from restok.export.exporter import state_dict_sha256
     from restok.models.presets import build_generator, build_tokenizer
 
     src = manifest.source
     kind = src.get("kind")
-    if kind == "preset":
+    if reference is not None:
+        tok, gen = load_tokenizer(reference[0], src.get("preset", "L")), load_generator(reference[1], src.get("preset", "L"))
+        where = f"{reference[0]} / {reference[1]}"
+    elif kind == "preset":
         tok = build_tokenizer(src["preset"], seed=src["tokenizer_seed"])
         gen = build_generator(src["preset"], seed=src["generator_seed"])
+        where = f"preset {src['preset']}"
+    elif kind == "bundled":
+        folder = Path(__file__).parents[1] / "assets" / src.get("model", "tiny")
+        tok, gen = load_tokenizer(folder / "tokenizer"), load_generator(folder / "generator")
+        where = f"the bundled model ({folder})"
     elif kind == "checkpoint":
-        tok = load_tokenizer(src["tokenizer"])
-        gen = load_generator(src["generator"])
+        for what in ("tokenizer", "generator"):
+            p = Path(src[what])
+            if not p.exists():
+                raise ArtifactError(f"the reference {what} checkpoint recorded by the export, {p}, is not here; pass the "
+                                    "checkpoints with --tokenizer/--generator (they are checked against the recorded hashes)")
+        tok, gen = load_tokenizer(src["tokenizer"], src.get("preset", "L")), load_generator(src["generator"], src.get("preset", "L"))
+        where = f"{src['tokenizer']} / {src['generator']}"
     else:
         raise ArtifactError("the manifest does not record where its weights came from; re-export with this restok")
     for what, model in (("tokenizer", tok), ("generator", gen)):
         want = src.get(f"{what}_sha256")
         if want and state_dict_sha256(model) != want:
-            raise ArtifactError(
-                f"the {what} weights at the export's source ({src.get(what) or src.get('preset')}) changed since "
-                "the export; re-export the artifacts"
-            )
+            raise ArtifactError(f"the {what} weights of {where} are not the ones these artifacts were exported from "
+                                "(sha256 differs); pass the original checkpoints or re-export")
     return tok.to(device), gen.to(device)
 
 
-class TorchBackend(Backend):
+class TorchBackend(HostBackend):
+    """The exported modules run eagerly in float32 on the plan's buffers (inputs viewed as tensors, outputs
+    copied back), so the reference follows exactly the bindings every other backend follows."""
+
     name = "torch"
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, device: str = "cpu", **_):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, device: str = "cpu",
+                 reference: tuple | None = None, **_):
         super().__init__(folder, manifest, threads)
         import torch
 
-        from restok.export.modules import DecoderGraph, EncoderGraph, GeneratorStepGraph
+        from restok.export.modules import DecoderGraph, EncoderGraph, GeneratorGraph
 
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        tok, gen = load_source_models(manifest, device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
+        tok, gen = load_source_models(manifest, device, reference)
         self.tok, self.gen = tok.float().eval(), gen.float().eval()
-        sched = self.gen.schedule
-        self.steps = [GeneratorStepGraph(self.gen, sched, i, manifest.guided, manifest.kv_cache)
-                      for i in range(sched.num_steps)]
-        self.decoder = DecoderGraph(self.tok)
-        self.encoder = EncoderGraph(self.tok)
-        self.outputs: list[tuple] = [()] * len(self.steps)
-        self._inputs = None
+        self.modules = {"generator": GeneratorGraph(self.gen, manifest.guided, manifest.kv_cache),
+                        "decoder": DecoderGraph(self.tok), "encoder": EncoderGraph(self.tok)}
 
-    def _t(self, a, dtype=None):
-        t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-        return t if dtype is None else t.to(dtype)
+    def _buffer_dtype(self, dtype: np.dtype) -> np.dtype:
+        return np.dtype(np.float32) if dtype.kind == "f" else dtype  # the reference keeps float32 caches
 
-    def set_inputs(self, labels, noise, cfg_scales, temperature, top_k, top_p) -> None:
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        sched = self.gen.schedule
-        self._inputs = {
-            "labels": self._t(labels),
-            "noise": [self._t(noise[:, s.predicts[0] : s.predicts[-1] + 1]) for s in sched.steps],
-            "cfg": [torch.tensor([float(c)], device=self.device) for c in cfg_scales],
-            "temperature": torch.tensor([float(temperature)], device=self.device),
-            "top_k": torch.tensor([int(top_k)], device=self.device),
-            "top_p": torch.tensor([float(top_p)], device=self.device),
-        }
+        ins, outs = self.modules[name].signature()
+        args = []
+        for t in ins:
+            x = torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device)
+            args.append(x.float() if x.is_floating_point() else x)
+        with torch.inference_mode():
+            res = self.modules[name](*args)
+        res = res if isinstance(res, tuple) else (res,)
+        return {t.name: r.detach().float().cpu().numpy() if r.is_floating_point() else r.cpu().numpy()
+                for t, r in zip(outs, res)}
 
-    def step_args(self, i: int) -> tuple:
-        """The inputs of pass i, in graph order, chained from pass i-1's outputs (caches or past/present)."""
-        x = self._inputs
-        first = x["labels"] if i == 0 else self.outputs[i - 1][0]
-        if i > 0:
-            past = self.outputs[i - 1][2:]
-        elif self.manifest.kv_cache == "inplace":
-            past = tuple(self.torch.zeros(t.shape, dtype=self.torch.float32, device=self.device)
-                         for t in self.manifest.step_graph(0).inputs if t.name.startswith("cache_"))
-        else:
-            past = ()
-        return (first, x["noise"][i], x["cfg"][i], x["temperature"], x["top_k"], x["top_p"], *past)
+    def run_pass(self, i: int) -> None:
+        p = self.plan.passes[i]
+        outs = self._run("generator", self._pass_views(p, outputs=False))
+        for name, view in self._pass_views(p, outputs=True).items():
+            view[...] = outs[name]
+        self._chain_tokens(i)
 
-    def run_step(self, i: int) -> None:
-        with self.torch.inference_mode():
-            self.outputs[i] = self.steps[i](*self.step_args(i))
-        if self.device.type == "cuda":  # the pass is timed by the caller: wait for the GPU
-            self.torch.cuda.synchronize(self.device)
-
-    def step_tokens(self, i: int) -> np.ndarray:
-        return self.outputs[i][0].cpu().numpy()
-
-    def step_logits(self, i: int) -> np.ndarray:
-        return self.outputs[i][1].float().cpu().numpy()
-
-    def step_present(self, i: int) -> list[np.ndarray]:
-        return [t.cpu().numpy() for t in self.outputs[i][2:]]
+    def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(name, feeds)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.decoder(self._t(tokens)).cpu().numpy()
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.encoder(self._t(images, self.torch.float32)).cpu().numpy()
+        return self._run("decoder", {"tokens": tokens})["images"]

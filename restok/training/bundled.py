@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from restok.fileutil import replace_dir, staging_dir
+from restok.fileutil import staged
 
 TOKENIZER = dict(preset="tiny", data="digits", steps=1200, batch_size=32, lr=1e-3, end_lr=5e-5, warmup_steps=50,
                  ema_decay=0.999, log_every=20, save_every=400, sample_every=200, seed=10086)
@@ -73,13 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-steps", type=int, default=None)
     p.add_argument("--generator-steps", type=int, default=None)
     a = p.parse_args(argv)
-    stage = staging_dir(a.out)  # the old model stays until the new one is complete
-    try:
+    # the old model stays until the new one is complete
+    with staged(a.out, owned=lambda d: [str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()]) as stage:
         m = train_bundled(stage, Path(a.work), a.tokenizer_steps, a.generator_steps)
-        replace_dir(stage, a.out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
     print(json.dumps({k: v for k, v in m.items() if k != "configs"}, indent=2))
     return 0
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from restok.fileutil import atomic_write_bytes, replace_dir, staging_dir
+from restok.fileutil import atomic_write_bytes, staged
 
 # substrings of parameter names that get no weight decay (the official rule), besides every tensor with ndim < 2
 NO_DECAY = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed", "rope", "freqs_cis")
@@ -207,22 +207,22 @@ def save_training_checkpoint(out: Path, step: int, models: dict, ema: dict, stat
 
     root = out / "checkpoints"
     final = root / f"step_{step:07d}"
-    tmp = staging_dir(final)
-    try:
+    with staged(final, owned=_checkpoint_files) as tmp:
         for name, m in models.items():
             save_checkpoint(unwrap(m), tmp / name)
         for name, e in ema.items():
             save_checkpoint(e.copy_to(_clone(models[name])), tmp / f"{name}_ema")
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_bytes(root / "latest", final.name.encode())
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """Everything in a training checkpoint folder is restok's (it is written whole, then swapped in)."""
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
 
 
 def _clone(model: nn.Module) -> nn.Module:

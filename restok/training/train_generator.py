@@ -40,7 +40,7 @@ def build_generator_for_training(cfg: GeneratorTrainConfig, vocab: int, num_clas
     return HARGenerator(GeneratorConfig(**d))
 
 
-def train_generator(cfg: GeneratorTrainConfig, resume: bool = False) -> Path:
+def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     d = C.setup_process(cfg.device)
     out = Path(cfg.out)
     if d.main:

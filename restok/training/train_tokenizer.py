@@ -70,7 +70,7 @@ def build_tokenizer_for_training(cfg: TokenizerTrainConfig):
     return ResTok(TokenizerConfig(**d))
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/)."""
     d = C.setup_process(cfg.device)
     out = Path(cfg.out)

@@ -1,0 +1,276 @@
+"""What every command shares: exit codes, the shared argument groups (one meaning per flag), model
+resolution, the per-user export cache, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED, EXIT_BUG = 0, 1, 2, 3, 130, 70
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "a check or quality gate failed (the report says which)",
+    EXIT_USAGE: "bad input or artifacts: an option, a file or a folder is wrong (the message says what to fix)",
+    EXIT_ENV: "environment or OS error: permission denied, disk full, a missing package or GPU",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); outputs are left as they were before the command",
+    EXIT_BUG: "internal error: a bug in restok (set RESTOK_DEBUG=1 for the traceback and report it)",
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def non_empty_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+# ------------------------------------------------------------------------------- argument groups
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: the bundled model)")
+    g.add_argument("--checkpoint", metavar="DIR", type=non_empty_path,
+                   help="a folder with tokenizer/ and generator/ restok checkpoints")
+    g.add_argument("--tokenizer", metavar="PATH", type=non_empty_path,
+                   help="tokenizer checkpoint: file, folder or hub id (with --generator)")
+    g.add_argument("--generator", metavar="PATH", type=non_empty_path,
+                   help="generator checkpoint: file, folder or hub id (with --tokenizer)")
+    g.add_argument("--preset", help="an architecture (tiny, B, L): its shapes for bare state dicts, or alone: "
+                                    "seeded random weights")
+    g.add_argument("--weights-seed", type=non_negative_int, default=None,
+                   help="seed of a preset's random weights (default 0; with --preset alone)")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    from restok.manifest import DEFAULT_MAX_BATCH, KV_CACHES, PRECISIONS
+
+    e = p.add_argument_group("export")
+    e.add_argument("--precision", choices=PRECISIONS, default=None, help="graph precision (default fp32)")
+    e.add_argument("--max-batch", type=positive_int, default=None,
+                   help=f"largest number of images per run the graphs take (default {DEFAULT_MAX_BATCH}); "
+                        "every batch from 1 up to it runs on the same export")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; 24 with --kv-cache inplace)")
+    e.add_argument("--no-cfg", action="store_true", help="export without classifier-free guidance (half the rows)")
+    e.add_argument("--no-encoder", action="store_true", help="skip the tokenizer encoder graph")
+    e.add_argument("--kv-cache", choices=KV_CACHES, default=None,
+                   help="concat: past/present KV per pass (any TensorRT 10.x; default); inplace: one fixed-size "
+                        "cache updated with ONNX TensorScatter (opset 24; TensorRT >= 10.15 updates it in place), "
+                        "plus a past/present generator graph sharing its weights that older TensorRT builds instead")
+    e.add_argument("--no-concat-fallback", action="store_true",
+                   help="with --kv-cache inplace: skip the past/present fallback graph (TensorRT >= 10.15 only)")
+
+
+EXPORT_FLAGS = ("precision", "max_batch", "opset", "no_cfg", "no_encoder", "kv_cache", "no_concat_fallback")
+MODEL_FLAGS = ("checkpoint", "tokenizer", "generator", "preset", "weights_seed")
+
+
+def add_artifacts_arg(p: argparse.ArgumentParser, help_extra: str = "") -> None:
+    p.add_argument("--artifacts", metavar="DIR", type=non_empty_path,
+                   help="an export folder (restok export); default: the model options below, exported into the "
+                        "cache on first use" + help_extra)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
+    from restok.runtime.backend import backend_names
+
+    g = p.add_argument_group("runtime")
+    choices = backends or tuple(backend_names())
+    g.add_argument("--backend", choices=choices, default="onnxruntime",
+                   help="onnxruntime (default, CPU), tensorrt (GPU; restok build first) or torch (the reference)"
+                   if "torch" in choices else "onnxruntime (default, CPU) or tensorrt (GPU; restok build first)")
+    g.add_argument("--device", default=None, help="device of the PyTorch reference (cpu, cuda; default cpu)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, classes: bool = True) -> None:
+    from restok.schedule import CFG_SCHEDULES
+
+    g = p.add_argument_group("sampling (defaults: the paper's gFID 2.34 settings)")
+    if classes:
+        g.add_argument("--classes", type=non_negative_int, nargs="+", help="class ids, one image each (default: 0..7 or fewer)")
+    g.add_argument("--seed", type=non_negative_int, default=0,
+                   help="random seed; the same seed gives the same images on every backend and batch size")
+    g.add_argument("--cfg-scale", type=finite_float, default=3.75, help="classifier-free guidance scale; <= 1 disables (default 3.75)")
+    g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="step", help="guidance schedule over the passes (default step)")
+    g.add_argument("--cfg-start", type=finite_float, default=0.25, help="progress where the 'step' schedule turns guidance on (default 0.25)")
+    g.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature (default 1.0)")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens; 0 disables (default)")
+    g.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", metavar="PATH", type=non_empty_path,
+                   help=f"write {what} as JSON to PATH ('-' for stdout: then nothing else goes to stdout)")
+
+
+def sampling_from(args):
+    from restok.sampling_params import SamplingParams
+
+    return SamplingParams(args.cfg_scale, args.cfg_schedule, args.cfg_start, args.temperature, args.top_k,
+                          args.top_p).validate()
+
+
+def check_runtime_args(args) -> dict:
+    """Backend options; an option the chosen backend would ignore is an error."""
+    if args.device is not None and args.backend != "torch" and getattr(args, "command", "") != "check":
+        raise CLIError(f"--device applies to the torch backend only (the {args.backend} backend chooses its own device)")
+    if args.threads is not None and args.backend == "tensorrt":
+        raise CLIError("--threads applies to CPU backends; the tensorrt backend runs on the GPU")
+    return {"device": args.device or "cpu"} if args.backend == "torch" else {}
+
+
+def write_json(doc: dict, where: str | None) -> None:
+    if not where:
+        return
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    if where == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from restok.fileutil import atomic_write_bytes
+
+        atomic_write_bytes(where, text.encode())
+
+
+def say(args, text: str) -> None:
+    """Human-readable output: stdout, or stderr when stdout carries JSON (--json -)."""
+    print(text, file=sys.stderr if getattr(args, "json", None) == "-" else sys.stdout)
+
+
+# ------------------------------------------------------------------------------- model resolution
+
+
+def bundled_model() -> Path | None:
+    d = Path(__file__).parents[1] / "assets" / "tiny"
+    return d if (d / "tokenizer").exists() and (d / "generator").exists() else None
+
+
+def resolve_models(args):
+    """-> (tokenizer, generator, source dict) from the model options."""
+    from restok.checkpoints import load_generator, load_tokenizer
+    from restok.models.presets import build_generator, build_tokenizer, get_preset
+
+    if bool(args.tokenizer) != bool(args.generator):
+        raise CLIError("--tokenizer and --generator go together")
+    if args.checkpoint and args.tokenizer:
+        raise CLIError("use either --checkpoint DIR or --tokenizer/--generator, not both")
+    if args.weights_seed is not None and (args.checkpoint or args.tokenizer or not args.preset):
+        raise CLIError("--weights-seed applies to --preset alone (seeded random weights)")
+    preset = args.preset
+    if preset:
+        get_preset(preset)
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    kind = "checkpoint"
+    if folder is None and not args.tokenizer and not preset:
+        folder, kind = bundled_model(), "bundled"
+        if folder is None:
+            preset = "tiny"
+            print("restok: no bundled trained model in this install; using the tiny preset with seeded random weights",
+                  file=sys.stderr)
+    if folder is not None:
+        t_path, g_path = folder / "tokenizer", folder / "generator"
+    elif args.tokenizer:
+        t_path, g_path = args.tokenizer, args.generator
+    else:
+        s = args.weights_seed or 0
+        source = {"kind": "preset", "preset": preset, "tokenizer_seed": s, "generator_seed": s + 1}
+        return build_tokenizer(preset, seed=s), build_generator(preset, seed=s + 1), source
+    tok = load_tokenizer(t_path, preset or "L")
+    gen = load_generator(g_path, preset or "L")
+    if kind == "bundled":
+        return tok, gen, {"kind": "bundled", "model": "tiny"}
+    src = {"kind": "checkpoint", "tokenizer": str(Path(t_path).resolve()) if Path(t_path).exists() else str(t_path),
+           "generator": str(Path(g_path).resolve()) if Path(g_path).exists() else str(g_path)}
+    if preset:
+        src["preset"] = preset
+    return tok, gen, src
+
+
+def export_options(args):
+    from restok.export import ExportOptions
+    from restok.manifest import DEFAULT_MAX_BATCH
+
+    return ExportOptions(precision=args.precision or "fp32", max_batch=args.max_batch or DEFAULT_MAX_BATCH,
+                         guided=not args.no_cfg, opset=args.opset, encoder=not args.no_encoder,
+                         kv_cache=args.kv_cache or "concat", concat_fallback=not args.no_concat_fallback)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
+
+
+def given_flags(args, names) -> list[str]:
+    out = []
+    for o in names:
+        v = getattr(args, o, None)
+        if v not in (None, False):
+            out.append(f"--{o.replace('_', '-')}")
+    return out
+
+
+def artifacts(args) -> Path:
+    """--artifacts, or the model options exported into the per-user cache (once; concurrent first uses wait
+    for one export instead of each exporting)."""
+    if getattr(args, "artifacts", None):
+        given = given_flags(args, MODEL_FLAGS + EXPORT_FLAGS)
+        if given:
+            raise CLIError(f"--artifacts already fixes the model and export options; drop {', '.join(given)}")
+        return Path(args.artifacts)
+    import restok
+    from restok.export import export_artifacts, state_dict_sha256
+    from restok.fileutil import locked
+    from restok.manifest import ArtifactError, Manifest
+
+    tok, gen, source = resolve_models(args)
+    opts = export_options(args)
+    opts.validate()
+    key = json.dumps({"v": restok.__version__, "tok": state_dict_sha256(tok), "gen": state_dict_sha256(gen),
+                      "opts": asdict(opts)}, sort_keys=True)
+    folder = cache_root() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:20]
+    with locked(folder.with_name(folder.name + ".export")):  # not locked(folder): staged() takes that one
+        try:
+            Manifest.read(folder)
+            return folder
+        except ArtifactError:
+            pass
+        print(f"restok: exporting the model into {folder} (once)", file=sys.stderr)
+        export_artifacts(tok, gen, folder, opts, source=source)
+    return folder

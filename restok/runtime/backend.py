@@ -67,6 +67,10 @@ class Backend(abc.ABC):
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int64 [b, N] -> float32 [b, 3, S, S]."""
 
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in self.manifest.graphs
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         """float32 [b, 3, S, S] in [0, 1] -> int64 [b, N]."""
         if "encoder" not in self.manifest.graphs:

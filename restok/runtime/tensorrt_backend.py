@@ -363,6 +363,10 @@ class TensorRTBackend(Backend):
         self._execute("decoder")
         return self._download(tout.buffer, self.plan.shape(tout, b), np.float32)
 
+    @property
+    def has_encoder(self) -> bool:
+        return ("encoder", 0) in self.contexts
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         if ("encoder", 0) not in self.contexts:
             raise ArtifactError("no encoder engine was built; build it with restok build --artifacts DIR --encoder")

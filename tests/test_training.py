@@ -58,46 +58,157 @@ def test_generator_loss_decreases(tmp_path, codes_dir):
     assert m[11]["loss"] < m[0]["loss"] - 0.5
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def _final_state(out: Path, which: str) -> dict:
+    """Model, EMA, optimizer state and trainer extras of a run's last checkpoint."""
+    import restok
+    from restok.training.common import checkpoints, load_trainer_state
+
+    ck = checkpoints(out)[-1]
+    load = restok.load_tokenizer if which == "tokenizer" else restok.load_generator
+    st = load_trainer_state(ck)
+    return {"step": st["step"], "model": load(ck / which).state_dict(), "ema": load(ck / f"{which}_ema").state_dict(),
+            "optimizer": st["model_optimizer"], "disc": st.get("disc"), "disc_optimizer": st.get("disc_optimizer")}
+
+
+def _assert_same(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
 @pytest.mark.parametrize("which", ["tokenizer", "generator"])
-def test_resume_is_exact(tmp_path, codes_dir, which):
-    mk = (lambda o, **k: _tok_cfg(o, steps=8, **k)) if which == "tokenizer" else (lambda o, **k: _gen_cfg(o, codes_dir, steps=8, **k))
-    run = train_tokenizer if which == "tokenizer" else train_generator
-    run(mk(tmp_path / "straight"))
-    run(mk(tmp_path / "split", stop_at=4))
-    assert max(_metrics(tmp_path / "split")) == 4
-    run(mk(tmp_path / "split"), resume=True)
-    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
-    for s in range(5, 8):
-        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-6, abs=1e-7), s
+def test_resume_after_sigkill_is_exact(tmp_path, codes_dir, which):
+    """A training process killed with SIGKILL mid-run, then resumed, ends with exactly the model, EMA and
+    optimizer state (and the discriminator's) of a run that was never interrupted."""
+    import signal
+    import time
+
+    if which == "tokenizer":
+        common = ["data=digits", "gan_start=2", "ema_decay=0.9"]
+    else:
+        common = [f"codes={codes_dir}", "ema_decay=0.9", "class_dropout=0.3"]
+    common += ["preset=tiny", "steps=10", "batch_size=8", "lr=1e-3", "warmup_steps=2", "log_every=1", "save_every=2",
+               "sample_every=0", "seed=3", "keep=10"]
+    cmd = [sys.executable, "-m", "restok", "train", which]
+    straight = subprocess.run(cmd + [f"out={tmp_path / 'straight'}", *common], env=ENV, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen(cmd + [f"out={out}", *common], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_0000005").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    (out / "checkpoints" / "latest").unlink(missing_ok=True)  # resume must not depend on it
+    resumed = subprocess.run(cmd + [f"out={out}", *common, "--resume"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _final_state(tmp_path / "straight", which), _final_state(out, which)
+    assert a["step"] == b["step"] == 9
+    _assert_same(a, b)
+    if which == "tokenizer":
+        assert a["disc"] is not None and a["disc_optimizer"]["state"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) == list(range(10))  # no step logged twice
+
+
+def test_new_run_refuses_an_existing_run(tmp_path, capsys):
+    from restok.cli import main
+
+    train_tokenizer(_tok_cfg(tmp_path, steps=2, save_every=1))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    rc = main(["train", "tokenizer", f"out={tmp_path}", "preset=tiny", "data=digits", "steps=2", "batch_size=8"])
+    assert rc == 2 and "already holds a training run (checkpoints up to step 1)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert main(["train", "tokenizer", f"out={tmp_path}", "preset=tiny", "data=digits", "steps=1", "batch_size=8",
+                 "save_every=1", "--overwrite"]) == 0
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_0000000"]
+
+
+def test_trainer_state_runs_no_code(tmp_path, capsys):
+    """trainer.pt is read with weights_only=True: a crafted pickle is refused and runs nothing."""
+    import pickle
+
+    from restok.cli import main
+
+    train_tokenizer(_tok_cfg(tmp_path, steps=2, save_every=1))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ck = tmp_path / "checkpoints" / "step_0000001"
+    with open(ck / "trainer.pt", "wb") as f:
+        pickle.dump({"step": 1, "x": Evil()}, f)
+    rc = main(["train", "tokenizer", f"out={tmp_path}", "preset=tiny", "data=digits", "steps=3", "batch_size=8", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be read as restok trainer state" in err and "Traceback" not in err
+    assert not marker.exists()
+    (ck / "trainer.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["train", "tokenizer", f"out={tmp_path}", "preset=tiny", "data=digits", "steps=3", "batch_size=8",
+                 "--resume"]) == 2
+    assert f"remove {ck}" in capsys.readouterr().err
 
 
 def test_two_processes_match_one(tmp_path, codes_dir):
-    """torchrun --nproc_per_node 2 (gloo on the CPU) against one process at the same global batch.
+    """torchrun --nproc_per_node 2 (gloo on the CPU) against one process at the same global batch: two ranks
+    ran, each on its half of every global batch, and the final weights and EMA equal the single process's.
     Elementwise dropout draws from each process's RNG, so it is switched off here; per-sample choices
     (class dropout, crops) are seeded per sample and stay on."""
     model = json.dumps({"token_dropout_p": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0})
     common = ["steps=4", "batch_size=8", "log_every=1", "save_every=100", "sample_every=0", f"codes={codes_dir}",
-              "preset=tiny", "lr=1e-3", "warmup_steps=1", f"model={model}", "class_dropout=0.3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+              "preset=tiny", "lr=1e-3", "warmup_steps=1", f"model={model}", "class_dropout=0.3", "ema_decay=0.9",
+              "trace_samples=true"]
     one = subprocess.run([sys.executable, "-m", "restok", "train", "generator", f"out={tmp_path / 'one'}", *common],
-                         env=env, capture_output=True, text=True)
+                         env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + os.getpid() % 1000), "-m", "restok", "train", "generator",
-                          f"out={tmp_path / 'two'}", *common], env=env, capture_output=True, text=True)
+                          str(_free_port()), "-m", "restok", "train", "generator",
+                          f"out={tmp_path / 'two'}", *common], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    traces = {r: [json.loads(line) for line in (tmp_path / "two" / f"samples_rank{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)}
+    for step in range(4):
+        r0, r1 = traces[0][step], traces[1][step]
+        assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == step
+        assert r0["positions"] == list(range(4)) and r1["positions"] == list(range(4, 8))  # each its half
+    solo = [json.loads(line) for line in (tmp_path / "one" / "samples_rank0.jsonl").read_text().splitlines()]
+    assert all(t["world"] == 1 and t["positions"] == list(range(8)) for t in solo)
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     for s in range(4):
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
-    import restok
-
-    wa = restok.load_generator(tmp_path / "one" / "checkpoints" / "step_0000003" / "generator").state_dict()
-    wb = restok.load_generator(tmp_path / "two" / "checkpoints" / "step_0000003" / "generator").state_dict()
+    sa, sb = _final_state(tmp_path / "one", "generator"), _final_state(tmp_path / "two", "generator")
     # Adam divides by sqrt(v): parameters with near-zero gradients amplify the rounding differences of the
     # all-reduce, so individual entries may differ by a fraction of one update (lr 1e-3); the whole agrees
-    diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa])
-    norm = torch.cat([wa[k].flatten() for k in wa])
-    assert diff.abs().max().item() < 3e-4 and (diff.norm() / norm.norm()).item() < 1e-5
+    for part in ("model", "ema"):
+        wa, wb = sa[part], sb[part]
+        diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa])
+        norm = torch.cat([wa[k].flatten() for k in wa])
+        assert diff.abs().max().item() < 3e-4 and (diff.norm() / norm.norm()).item() < 1e-5, part
+        moved = torch.cat([(wa[k] - sa["model"][k]).flatten() for k in wa]) if part == "ema" else None
+        assert moved is None or moved.abs().max() > 0  # the EMA is not just a copy of the weights
 
 
 def test_code_shards_round_trip_and_resume(tmp_path, tiny_tokenizer, codes_dir):
@@ -126,6 +237,31 @@ def test_code_shards_round_trip_and_resume(tmp_path, tiny_tokenizer, codes_dir):
     assert np.array_equal(again.codes, ds.codes)
     with pytest.raises(ValueError, match="another tokenizer or settings"):
         extract_codes(tiny_tokenizer, d40, part, crops="center", flip=False, shard_size=16, progress=False)
+
+
+def test_unfinished_codes_are_refused(tmp_path, codes_dir, capsys):
+    """Training on a half-written extract-codes folder would silently train on a subset: refused, naming the
+    missing shards and the command that finishes it."""
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(codes_dir, part)
+    meta = json.loads((part / "index.json").read_text())
+    meta["shards"] = meta["shards"][:1]
+    meta["resume_command"] = "restok extract-codes --tokenizer T --data digits --out part"
+    (part / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"codes of 16 of 40 images.*shard_00001\.npz, shard_00002\.npz.*--out part"):
+        CodesDataset(part)
+    from restok.cli import main
+
+    assert main(["train", "generator", f"codes={part}", f"out={tmp_path / 'g'}", "preset=tiny", "steps=1"]) == 2
+    assert "unfinished extract-codes run" in capsys.readouterr().err
+    # a truncated shard is a clear error too
+    meta["shards"] = json.loads((codes_dir / "index.json").read_text())["shards"]
+    (part / "index.json").write_text(json.dumps(meta))
+    (part / "shard_00001.npz").write_bytes((part / "shard_00001.npz").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"shard_00001\.npz is damaged"):
+        CodesDataset(part)
 
 
 class _VF(torch.nn.Module):

@@ -77,8 +77,11 @@ def run_extract_codes(args) -> int:
 
     tok = load_tokenizer(args.tokenizer, args.preset)
     data = open_dataset(args.data, tok.cfg.image_size, train=False)
+    import shlex
+
+    command = "restok extract-codes " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     out = extract_codes(tok, data, args.out, crops=args.crops, flip=not args.no_flip, batch_size=args.batch,
-                        shard_size=args.shard_size, device=args.device)
+                        shard_size=args.shard_size, device=args.device, command=command)
     print(f"codes of {len(data)} images in {out}", file=sys.stderr)
     return EXIT_OK
 

@@ -19,24 +19,46 @@ import torch
 from restok.fileutil import atomic_write_bytes
 
 
+def _clean_stale_tmp(out: Path) -> None:
+    """Temporary files of a killed run (``.NAME.XXXX.PID.tmp`` whose PID is gone)."""
+    import os
+
+    for p in out.glob(".*.tmp"):
+        try:
+            pid = int(p.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (ValueError, PermissionError, IndexError):
+            continue
+
+
 def extract_codes(tokenizer, data, out: str | Path, crops: str = "ten", flip: bool = True, batch_size: int = 64,
-                  shard_size: int = 10000, device: str = "cpu", progress: bool = True) -> Path:
-    """Tokenize every image of ``data`` (a dataset with ``pil(i)`` and labels) into ``out``."""
+                  shard_size: int = 10000, device: str = "cpu", progress: bool = True, command: str = "") -> Path:
+    """Tokenize every image of ``data`` (a dataset with ``pil(i)`` and labels) into ``out``. ``command``, the
+    command line that does it, is recorded so that a half-written folder names how to finish it."""
     from tqdm import tqdm
 
     from restok.training.data import _pil_to_array, crops_for_codes
 
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch size and shard size must be >= 1, got {batch_size} and {shard_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
     idx_path = out / "index.json"
     from restok.export.exporter import state_dict_sha256
 
     tok_sha = state_dict_sha256(tokenizer)
     meta = {"shards": [], "num_images": len(data), "crops": None, "crop_mode": crops, "flip": flip,
             "num_tokens": tokenizer.cfg.num_latent_tokens, "vocab_size": tokenizer.cfg.codebook_size,
-            "num_classes": int(getattr(data, "num_classes", 0)), "tokenizer_sha256": tok_sha, "shard_size": shard_size}
+            "num_classes": int(getattr(data, "num_classes", 0)), "tokenizer_sha256": tok_sha, "shard_size": shard_size,
+            "resume_command": command}
     if idx_path.is_file():
-        old = json.loads(idx_path.read_text())
+        try:
+            old = json.loads(idx_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{idx_path} is damaged ({e}); choose another --out or delete the folder") from e
         same = all(old.get(k) == meta[k] for k in ("crop_mode", "flip", "tokenizer_sha256", "shard_size", "num_images"))
         if not same:
             raise ValueError(f"{out} holds codes from another tokenizer or settings; choose another --out or delete it")

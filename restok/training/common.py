@@ -56,6 +56,7 @@ class TrainRunConfig:
     keep: int = 2
     stop_at: int = -1  # stop (with a checkpoint) after this step, e.g. for time-boxed jobs; resume later
     fsdp: bool = False
+    trace_samples: bool = False  # each process appends the global positions it trained on (samples_rankN.jsonl)
 
 
 def load_config(cls, path: str | os.PathLike | None, overrides: list[str]):
@@ -183,18 +184,30 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+# A training checkpoint is a folder written whole and swapped in (restok.fileutil.staged): each model and its
+# EMA as restok checkpoints, config.json, and trainer.pt, which holds only tensors, numbers and strings (the
+# optimizer states, RNG states, counters) and is read with torch.load(weights_only=True): no code runs from
+# a checkpoint file.
+
+TRAINER_STATE = "trainer.pt"
 
 
 def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -202,7 +215,7 @@ def set_rng_state(s: dict) -> None:
 
 def save_training_checkpoint(out: Path, step: int, models: dict, ema: dict, state: dict, config, keep: int = 2) -> Path:
     """out/checkpoints/step_N/: each model and its EMA as restok checkpoints, trainer.pt (optimizer,
-    RNG, counters), config.json; written in a staging folder, then renamed; ``latest`` updated last."""
+    RNG, counters), config.json; written in a staging folder, then swapped in; ``latest`` updated last."""
     from restok.checkpoints import save_checkpoint
 
     root = out / "checkpoints"
@@ -212,10 +225,10 @@ def save_training_checkpoint(out: Path, step: int, models: dict, ema: dict, stat
             save_checkpoint(unwrap(m), tmp / name)
         for name, e in ema.items():
             save_checkpoint(e.copy_to(_clone(models[name])), tmp / f"{name}_ema")
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
         (tmp / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     atomic_write_bytes(root / "latest", final.name.encode())
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -231,30 +244,42 @@ def _clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(unwrap(model)).cpu()
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    p = out / "checkpoints" / "latest"
-    if not p.is_file():
-        return None
-    d = out / "checkpoints" / p.read_text().strip()
-    return d if d.is_dir() else None
+def checkpoints(out: Path) -> list[Path]:
+    """The complete training checkpoints of a run, oldest first (a folder is complete once it is there:
+    checkpoints are swapped in whole)."""
+    root = Path(out) / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / TRAINER_STATE).is_file()
+             and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    path = ckpt / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, damaged, or holding objects that are not plain data
+        raise ValueError(f"{path} cannot be read as restok trainer state ({type(e).__name__}: {str(e)[:200]}); "
+                         f"remove {ckpt} to resume from the checkpoint before it") from e
 
 
-def resume(ckpt: Path, name: str, model: nn.Module, opt, ema: "EMA | None", device) -> dict:
-    """Restore ``model`` (checkpoint folder ``name``), its optimizer, EMA and the RNG states from a training
-    checkpoint; returns the trainer state (``state['step']`` is the last completed step)."""
+def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device) -> dict:
+    """Load every model (and its EMA) of a training checkpoint, the optimizers named in the trainer state
+    and the RNG states; returns the trainer state (``state['step']`` is the last completed step)."""
     from restok.checkpoints import load_generator, load_tokenizer
 
-    load = load_tokenizer if name == "tokenizer" else load_generator
-    model.load_state_dict(load(ckpt / name).state_dict())
     st = load_trainer_state(ckpt)
-    opt.load_state_dict(st["optimizer"])
-    if ema is not None:
-        ema.shadow = {k: v.to(device) for k, v in load(ckpt / f"{name}_ema").state_dict().items() if k in ema.shadow}
-        ema.updates = st["ema_updates"]
+    for name, model in models.items():
+        if name in ("tokenizer", "generator"):
+            load = load_tokenizer if name == "tokenizer" else load_generator
+            unwrap(model).load_state_dict(load(ckpt / name).state_dict())
+            if name in ema:
+                e = ema[name]
+                e.shadow = {k: v.to(device) for k, v in load(ckpt / f"{name}_ema").state_dict().items() if k in e.shadow}
+                e.updates = st["ema_updates"]
+        else:  # auxiliary modules (the discriminator) live in the trainer state
+            unwrap(model).load_state_dict(st[name])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(st[f"{name}_optimizer"])
     set_rng_state(st["rng"])
     return st
 
@@ -292,13 +317,18 @@ def optimizer_step(loss: torch.Tensor, opt, params, clip: float, scaler=None) ->
 
 
 class MetricsLog:
-    """JSONL metrics (rank 0) and a progress bar."""
+    """JSONL metrics (rank 0) and a progress bar. A resumed run first drops the records after its
+    checkpoint (the steps it is about to redo), so no step is logged twice."""
 
     def __init__(self, out: Path, total: int, start: int, enabled: bool, desc: str):
         from tqdm import tqdm
 
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
+        if enabled and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) < start]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, disable=None if enabled else True)
         self.t0 = time.perf_counter()
 
@@ -316,6 +346,80 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+MODEL_KINDS = ("tokenizer", "generator")  # saved as restok checkpoints; other modules live in trainer.pt
+
+
+def prepare_run(out: Path, d: Dist, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start at step 0. ``resume`` takes the newest complete
+    checkpoint (whatever ``latest`` says); a new run refuses a folder that holds checkpoints unless
+    ``overwrite``, which first removes that run's checkpoints and metrics (files restok wrote)."""
+    found = checkpoints(out)
+    if resume:
+        if not found:
+            say_once(d, f"no complete checkpoint in {out}/checkpoints: starting at step 0")
+        return found[-1] if found else None
+    if found and not overwrite:
+        raise ValueError(f"{out} already holds a training run (checkpoints up to step {int(found[-1].name[5:])}); "
+                         "continue it with --resume, start again with --overwrite, or choose another out=")
+    if found and d.main:
+        shutil.rmtree(out / "checkpoints")
+        for f in [out / "metrics.jsonl", *out.glob("samples_rank*.jsonl")]:
+            f.unlink(missing_ok=True)
+    return None
+
+
+def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, config) -> Path:
+    state = {f"{k}_optimizer": o.state_dict() for k, o in optimizers.items()}
+    state["ema_updates"] = next(iter(ema.values())).updates if ema else 0
+    state.update({k: unwrap(m).state_dict() for k, m in models.items() if k not in MODEL_KINDS})
+    primary = {k: m for k, m in models.items() if k in MODEL_KINDS}
+    return save_training_checkpoint(out, step, primary, ema, state, config, config.keep)
+
+
+def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema: dict, step_fn, *, resume: bool,
+               overwrite: bool, desc: str, sample_fn=None) -> Path:
+    """The skeleton both trainers share: run folder, resume, learning-rate schedule, EMA, logging, samples,
+    checkpoints, early stop. ``step_fn(step, lr) -> (values to log, grad norm, global positions)`` does one
+    optimisation step; ``optimizers['model']`` follows the schedule, the others keep their own rate."""
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = prepare_run(out, d, resume, overwrite)
+    if d.world > 1:
+        dist.barrier()
+    start = 0
+    if ckpt is not None:
+        start = restore(ckpt, models, optimizers, ema, d.device)["step"] + 1
+        say_once(d, f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out, cfg.steps, start, d.main, desc)
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.steps)
+        for g in optimizers["model"].param_groups:
+            g["lr"] = lr
+        values, gnorm, positions = step_fn(step, lr)
+        for name, e in ema.items():
+            e.update(unwrap(models[name]))
+        if cfg.trace_samples:
+            with open(out / f"samples_rank{d.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "rank": d.rank, "world": d.world,
+                                    "positions": [int(p) for p in positions]}) + "\n")
+        last = step == cfg.steps - 1 or step == cfg.stop_at
+        if step % cfg.log_every == 0 or last:
+            log.log(step, **{k: all_reduce_mean(v.detach().float(), d).item() for k, v in values.items()},
+                    lr=lr, grad_norm=gnorm)
+        if sample_fn is not None and d.main and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
+            sample_fn(step)
+        if d.main and ((step + 1) % cfg.save_every == 0 or last):
+            save_run(out, step, models, optimizers, ema, cfg)
+        log.advance()
+        if step == cfg.stop_at:
+            break
+    log.close()
+    return out
 
 
 def say_once(d: Dist, msg: str) -> None:

@@ -143,10 +143,18 @@ class ImageFolderDataset:
         return self.items[i][1]
 
     def pil(self, i: int):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(self.items[i][0]) as im:
-            return im.convert("RGB")
+        path = self.items[i][0]
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, SyntaxError, ValueError) as e:  # not an image, or a truncated one
+            raise ValueError(f"{path} is not a readable image ({e}); remove it from the dataset folder") from e
+        except OSError as e:
+            if e.errno is None:  # PIL's "image file is truncated" and friends carry no errno: bad data
+                raise ValueError(f"{path} is not a readable image ({e}); remove it from the dataset folder") from e
+            raise
 
     def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         img = self.pil(i)
@@ -208,7 +216,10 @@ class WebDatasetShards:
         si, mem, _ = self.index[i]
         with tarfile.open(self.paths[si]) as tf:
             data = tf.extractfile(mem).read()
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        try:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{self.paths[si]}: member {mem.name} is not a readable image ({e})") from e
 
     def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         img = self.pil(i)
@@ -225,12 +236,33 @@ class CodesDataset:
         idx = folder / "index.json"
         if not idx.is_file():
             raise FileNotFoundError(f"{idx} not found: run restok extract-codes --out {folder} first")
-        self.meta = json.loads(idx.read_text())
+        try:
+            self.meta = json.loads(idx.read_text())
+            shards, total = self.meta["shards"], int(self.meta["num_images"])
+            size = int(self.meta["shard_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{idx} is not a restok codes index ({e}); run restok extract-codes again") from e
+        done = sum(int(sh["count"]) for sh in shards)
+        if done < total:
+            have = {sh["file"] for sh in shards}
+            missing = [f"shard_{i:05d}.npz" for i in range(-(-total // size)) if f"shard_{i:05d}.npz" not in have]
+            how = self.meta.get("resume_command") or f"restok extract-codes ... --out {folder}"
+            raise ValueError(f"{folder} holds codes of {done} of {total} images (an unfinished extract-codes run; "
+                             f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                             f"finish it first: {how}")
         codes, labels = [], []
-        for sh in self.meta["shards"]:
-            with np.load(folder / sh["file"]) as z:
-                codes.append(z["codes"])
-                labels.append(z["labels"])
+        for sh in shards:
+            path = folder / sh["file"]
+            try:
+                with np.load(path) as z:
+                    codes.append(z["codes"])
+                    labels.append(z["labels"])
+            except Exception as e:  # truncated or not an npz (BadZipFile, EOFError, ValueError, KeyError, ...)
+                raise ValueError(f"{path} is damaged ({type(e).__name__}); delete it and its entry in index.json, "
+                                 "then rerun restok extract-codes to rewrite it") from e
+            if len(labels[-1]) != int(sh["count"]):
+                raise ValueError(f"{path} holds {len(labels[-1])} images, index.json says {sh['count']}; "
+                                 "delete it and rerun restok extract-codes")
         self.codes = np.concatenate(codes)
         self.labels = np.concatenate(labels)
         self.num_classes = int(self.meta.get("num_classes", int(self.labels.max()) + 1))

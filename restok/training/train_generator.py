@@ -41,70 +41,54 @@ def build_generator_for_training(cfg: GeneratorTrainConfig, vocab: int, num_clas
 
 
 def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/)."""
     d = C.setup_process(cfg.device)
-    out = Path(cfg.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    C.seed_everything(cfg.seed)
-    data = CodesDataset(cfg.codes)
-    gen = build_generator_for_training(cfg, int(data.meta["vocab_size"]), data.num_classes).to(d.device)
-    schedule = gen.vanilla_schedule() if cfg.vanilla else gen.schedule
-    p_drop = gen.cfg.class_dropout_prob if cfg.class_dropout < 0 else cfg.class_dropout
-    gen.cls_embedding.dropout_prob_in_forward = False  # the trainer drops classes per sample, reproducibly
-    batcher = Batcher(data, cfg.batch_size, cfg.seed, d.rank, d.world, cfg.workers)
-    C.say_once(d, f"generator {sum(p.numel() for p in gen.parameters()):,} parameters, {len(data)} coded images, "
-                  f"{'vanilla' if cfg.vanilla else 'HAR'} ({schedule.num_steps} passes), {d.world} process(es) on {d.device}")
-    if p_drop <= 0:
-        C.say_once(d, "class dropout: off (no classifier-free guidance will be learned)")
-    if cfg.ema_decay <= 0:
-        C.say_once(d, "EMA: off")
-    model = C.wrap_model(gen, d, cfg.fsdp)
-    opt = torch.optim.AdamW(C.param_groups(gen, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    ema = C.EMA(gen, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    autocast, scaler = C.autocast_for(cfg.precision, d.device)
+    try:
+        C.seed_everything(cfg.seed)
+        data = CodesDataset(cfg.codes)
+        gen = build_generator_for_training(cfg, int(data.meta["vocab_size"]), data.num_classes).to(d.device)
+        schedule = gen.vanilla_schedule() if cfg.vanilla else gen.schedule
+        p_drop = gen.cfg.class_dropout_prob if cfg.class_dropout < 0 else cfg.class_dropout
+        gen.cls_embedding.dropout_prob_in_forward = False  # the trainer drops classes per sample, reproducibly
+        batcher = Batcher(data, cfg.batch_size, cfg.seed, d.rank, d.world, cfg.workers)
+        C.say_once(d, f"generator {sum(p.numel() for p in gen.parameters()):,} parameters, {len(data)} coded images, "
+                      f"{'vanilla' if cfg.vanilla else 'HAR'} ({schedule.num_steps} passes), {d.world} process(es) on {d.device}")
+        if p_drop <= 0:
+            C.say_once(d, "class dropout: off (no classifier-free guidance will be learned)")
+        if cfg.ema_decay <= 0:
+            C.say_once(d, "EMA: off")
+        model = C.wrap_model(gen, d, cfg.fsdp)
+        opt = torch.optim.AdamW(C.param_groups(gen, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        ema = {"generator": C.EMA(gen, cfg.ema_decay)} if cfg.ema_decay > 0 else {}
+        autocast, scaler = C.autocast_for(cfg.precision, d.device)
+        tok = None
+        if cfg.tokenizer and d.main and cfg.sample_every > 0:
+            from restok.checkpoints import load_tokenizer
 
-    start = 0
-    ck = C.latest_checkpoint(out) if resume else None
-    if ck is not None:
-        start = C.resume(ck, "generator", gen, opt, ema, d.device)["step"] + 1
-        C.say_once(d, f"resumed from {ck} at step {start}")
+            tok = load_tokenizer(cfg.tokenizer).to(d.device)
+        null = gen.cfg.null_class
+        gen.train()
 
-    tok = None
-    if cfg.tokenizer and d.main and cfg.sample_every > 0:
-        from restok.checkpoints import load_tokenizer
+        def step_fn(step: int, lr: float):
+            x, y, pos = batcher.batch(step)
+            ids = torch.from_numpy(x).to(d.device)
+            labels = torch.from_numpy(y).to(d.device)
+            drop = torch.tensor([sample_rng(cfg.seed, step, int(p), 2).random() < p_drop for p in pos], device=d.device)
+            labels = torch.where(drop, torch.full_like(labels, null), labels)
+            with autocast():
+                logits = model(ids, labels, schedule)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1))
+            gnorm = C.optimizer_step(loss, opt, gen.parameters(), cfg.grad_clip, scaler)
+            return {"loss": loss}, gnorm, pos
 
-        tok = load_tokenizer(cfg.tokenizer).to(d.device)
-    null = gen.cfg.null_class
-    log = C.MetricsLog(out, cfg.steps, start, d.main, "train generator")
-    gen.train()
-    for step in range(start, cfg.steps):
-        x, y, pos = batcher.batch(step)
-        ids = torch.from_numpy(x).to(d.device)
-        drop = torch.tensor([sample_rng(cfg.seed, step, int(p), 2).random() < p_drop for p in pos], device=d.device)
-        labels = torch.where(drop, torch.full_like(torch.from_numpy(y).to(d.device), null), torch.from_numpy(y).to(d.device))
-        lr = C.lr_at(step, cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with autocast():
-            logits = model(ids, labels, schedule)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1))
-        gnorm = C.optimizer_step(loss, opt, gen.parameters(), cfg.grad_clip, scaler)
-        if ema is not None:
-            ema.update(gen)
-        last = step == cfg.steps - 1 or step == cfg.stop_at
-        if step % cfg.log_every == 0 or last:
-            log.log(step, loss=C.all_reduce_mean(loss.detach().float(), d).item(), lr=lr, grad_norm=gnorm)
-        if tok is not None and (step % cfg.sample_every == 0 or last):
-            _save_samples(out, step, gen, ema, tok, data.num_classes)
-        if d.main and ((step + 1) % cfg.save_every == 0 or last):
-            C.save_training_checkpoint(out, step, {"generator": gen}, {"generator": ema} if ema else {},
-                                       {"optimizer": opt.state_dict(), "ema_updates": ema.updates if ema else 0}, cfg, cfg.keep)
-        log.advance()
-        if step == cfg.stop_at:
-            break
-    log.close()
-    C.teardown_process()
-    return out
+        def sample_fn(step: int) -> None:
+            if tok is not None:
+                _save_samples(Path(cfg.out), step, gen, ema.get("generator"), tok, data.num_classes)
+
+        return C.train_loop(cfg, d, {"generator": gen}, {"model": opt}, ema, step_fn, resume=resume,
+                            overwrite=overwrite, desc="train generator", sample_fn=sample_fn)
+    finally:
+        C.teardown_process()
 
 
 @torch.no_grad()

@@ -73,107 +73,84 @@ def build_tokenizer_for_training(cfg: TokenizerTrainConfig):
 def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/)."""
     d = C.setup_process(cfg.device)
-    out = Path(cfg.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    C.seed_everything(cfg.seed)
-    tok = build_tokenizer_for_training(cfg).to(d.device)
-    data = open_dataset(cfg.data, tok.cfg.image_size, train=True)
-    batcher = Batcher(data, cfg.batch_size, cfg.seed, d.rank, d.world, cfg.workers)
+    try:
+        C.seed_everything(cfg.seed)
+        tok = build_tokenizer_for_training(cfg).to(d.device)
+        data = open_dataset(cfg.data, tok.cfg.image_size, train=True)
+        batcher = Batcher(data, cfg.batch_size, cfg.seed, d.rank, d.world, cfg.workers)
 
-    from restok.training.losses import load_frozen
+        from restok.training.losses import load_frozen
 
-    perceptual = load_frozen(cfg.perceptual_model, d.device) if cfg.perceptual_model else None
-    vf = load_frozen(cfg.vf_model, d.device) if cfg.vf_model else None
-    if vf is not None and not tok.cfg.vf_feature_dim:
-        raise ValueError("vf_model needs vf_feature_dim (the frozen model's feature width)")
-    C.say_once(d, f"tokenizer {sum(p.numel() for p in tok.parameters()):,} parameters, data {cfg.data} "
-                  f"({len(data)} images), {d.world} process(es) on {d.device}")
-    for name, on in (("nested dropout", cfg.nested_dropout), ("perceptual loss", perceptual is not None),
-                     ("GAN discriminator", cfg.gan_start >= 0), ("feature alignment", vf is not None),
-                     ("EMA", cfg.ema_decay > 0)):
-        if not on:
-            C.say_once(d, f"{name}: off")
+        perceptual = load_frozen(cfg.perceptual_model, d.device) if cfg.perceptual_model else None
+        vf = load_frozen(cfg.vf_model, d.device) if cfg.vf_model else None
+        if vf is not None and not tok.cfg.vf_feature_dim:
+            raise ValueError("vf_model needs vf_feature_dim (the frozen model's feature width)")
+        C.say_once(d, f"tokenizer {sum(p.numel() for p in tok.parameters()):,} parameters, data {cfg.data} "
+                      f"({len(data)} images), {d.world} process(es) on {d.device}")
+        for name, on in (("nested dropout", cfg.nested_dropout), ("perceptual loss", perceptual is not None),
+                         ("GAN discriminator", cfg.gan_start >= 0), ("feature alignment", vf is not None),
+                         ("EMA", cfg.ema_decay > 0)):
+            if not on:
+                C.say_once(d, f"{name}: off")
 
-    model = C.wrap_model(_Recon(tok, vf is not None).to(d.device), d, cfg.fsdp)
-    opt = torch.optim.AdamW(C.param_groups(tok, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    disc = disc_opt = None
-    if cfg.gan_start >= 0:
-        from restok.training.losses import PatchDiscriminator
+        model = C.wrap_model(_Recon(tok, vf is not None).to(d.device), d, cfg.fsdp)
+        opt = torch.optim.AdamW(C.param_groups(tok, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        models, optimizers = {"tokenizer": tok}, {"model": opt}
+        disc = disc_opt = None
+        if cfg.gan_start >= 0:
+            from restok.training.losses import PatchDiscriminator, hinge_d_loss
 
-        disc_core = PatchDiscriminator().to(d.device)
-        disc = C.wrap_model(disc_core, d)
-        disc_opt = torch.optim.AdamW(C.param_groups(disc_core, cfg.weight_decay), lr=cfg.disc_lr, betas=(cfg.beta1, cfg.beta2))
-    ema = C.EMA(tok, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    autocast, scaler = C.autocast_for(cfg.precision, d.device)
+            disc_core = PatchDiscriminator().to(d.device)
+            disc = C.wrap_model(disc_core, d)
+            disc_opt = torch.optim.AdamW(C.param_groups(disc_core, cfg.weight_decay), lr=cfg.disc_lr,
+                                         betas=(cfg.beta1, cfg.beta2))
+            models["disc"], optimizers["disc"] = disc_core, disc_opt
+        ema = {"tokenizer": C.EMA(tok, cfg.ema_decay)} if cfg.ema_decay > 0 else {}
+        autocast, scaler = C.autocast_for(cfg.precision, d.device)
+        options = np.asarray(tok.nested_dropout_options)
+        probs = np.asarray(tok.nested_dropout_probs)
+        tok.train()
+        last = {}
 
-    start = 0
-    ck = C.latest_checkpoint(out) if resume else None
-    if ck is not None:
-        st = C.resume(ck, "tokenizer", tok, opt, ema, d.device)
-        if disc is not None and "disc" in st:
-            C.unwrap(disc).load_state_dict(st["disc"])
-            disc_opt.load_state_dict(st["disc_optimizer"])
-        start = st["step"] + 1
-        C.say_once(d, f"resumed from {ck} at step {start}")
+        def step_fn(step: int, lr: float):
+            x, _, pos = batcher.batch(step)
+            images = torch.from_numpy(x).to(d.device)
+            n_keep = None
+            if cfg.nested_dropout:
+                n_keep = torch.tensor([int(sample_rng(cfg.seed, step, int(p), 1).choice(options, p=probs)) for p in pos],
+                                      device=d.device)
+            with autocast():
+                recon, enc, dec_feats = model(images, n_keep)
+            recon = recon.float()
+            parts = {"mse": F.mse_loss(recon, images), "quantizer": enc["quantizer_loss"]}
+            if perceptual is not None:
+                parts["perceptual"] = cfg.perceptual_weight * perceptual(recon, images).mean()
+            if vf is not None:
+                from restok.training.losses import vf_alignment_loss
 
-    options = np.asarray(tok.nested_dropout_options)
-    probs = np.asarray(tok.nested_dropout_probs)
-    log = C.MetricsLog(out, cfg.steps, start, d.main, "train tokenizer")
-    tok.train()
-    for step in range(start, cfg.steps):
-        x, _, pos = batcher.batch(step)
-        images = torch.from_numpy(x).to(d.device)
-        n_keep = None
-        if cfg.nested_dropout:
-            n_keep = torch.tensor([int(sample_rng(cfg.seed, step, int(p), 1).choice(options, p=probs)) for p in pos],
-                                  device=d.device)
-        lr = C.lr_at(step, cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with autocast():
-            recon, enc, dec_feats = model(images, n_keep)
-        recon = recon.float()
-        parts = {"mse": F.mse_loss(recon, images), "quantizer": enc["quantizer_loss"]}
-        if perceptual is not None:
-            parts["perceptual"] = cfg.perceptual_weight * perceptual(recon, images).mean()
-        if vf is not None:
-            from restok.training.losses import vf_alignment_loss
+                vf_l, _ = vf_alignment_loss(tok, enc, dec_feats, images, vf, cfg.vf_margin)
+                parts["vf"] = cfg.vf_weight * vf_l
+            gan_on = disc is not None and step >= cfg.gan_start
+            if gan_on:
+                parts["gan"] = cfg.gan_weight * -disc(recon).mean()
+            loss = sum(parts.values())
+            gnorm = C.optimizer_step(loss, opt, tok.parameters(), cfg.grad_clip, scaler)
+            if gan_on:
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                d_loss.backward()
+                disc_opt.step()
+                parts["disc"] = d_loss.detach()
+            last.update(images=images, recon=recon)
+            return {"loss": loss, **parts}, gnorm, pos
 
-            vf_l, vf_info = vf_alignment_loss(tok, enc, dec_feats, images, vf, cfg.vf_margin)
-            parts["vf"] = cfg.vf_weight * vf_l
-        gan_on = disc is not None and step >= cfg.gan_start
-        if gan_on:
-            parts["gan"] = cfg.gan_weight * -disc(recon).mean()
-        loss = sum(parts.values())
-        gnorm = C.optimizer_step(loss, opt, tok.parameters(), cfg.grad_clip, scaler)
-        if gan_on:
-            disc_opt.zero_grad(set_to_none=True)
-            from restok.training.losses import hinge_d_loss
+        def sample_fn(step: int) -> None:
+            _save_samples(Path(cfg.out), step, last["images"], last["recon"])
 
-            d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
-            d_loss.backward()
-            disc_opt.step()
-            parts["disc"] = d_loss.detach()
-        if ema is not None:
-            ema.update(tok)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            vals = {k: C.all_reduce_mean(v.detach().float(), d).item() for k, v in parts.items()}
-            log.log(step, loss=sum(v for k, v in vals.items() if k != "disc"), **vals, lr=lr, grad_norm=gnorm)
-        last = step == cfg.steps - 1 or step == cfg.stop_at
-        if d.main and (cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last)):
-            _save_samples(out, step, images, recon)
-        if d.main and ((step + 1) % cfg.save_every == 0 or last):
-            state = {"optimizer": opt.state_dict(), "ema_updates": ema.updates if ema else 0}
-            if disc is not None:
-                state.update(disc=C.unwrap(disc).state_dict(), disc_optimizer=disc_opt.state_dict())
-            C.save_training_checkpoint(out, step, {"tokenizer": tok}, {"tokenizer": ema} if ema else {}, state, cfg, cfg.keep)
-        log.advance()
-        if step == cfg.stop_at:
-            break
-    log.close()
-    C.teardown_process()
-    return out
+        return C.train_loop(cfg, d, models, optimizers, ema, step_fn, resume=resume, overwrite=overwrite,
+                            desc="train tokenizer", sample_fn=sample_fn)
+    finally:
+        C.teardown_process()
 
 
 def _save_samples(out: Path, step: int, images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> None:

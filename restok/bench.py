@@ -46,13 +46,13 @@ def _stats(x: list[float]) -> dict:
 
 def run_bench(folder: str | Path, backends: list[str], batches: list[int] | None = None, runs: int = 5, warmup: int = 1,
               threads: int | None = None, sampling: SamplingParams = SamplingParams(), seed: int = 0,
-              gap: float = 0.5, device: str = "cpu") -> list[dict]:
+              gap: float = 0.5, device: str = "cpu", manifest: Manifest | None = None) -> list[dict]:
     """One result per batch size; the backends are loaded once and reused for every batch size.
 
     ``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
     that just ran (OpenMP spins for a while after each op by default) are asleep when the next one starts."""
     folder = Path(folder)
-    m = Manifest.read(folder)
+    m = manifest or Manifest.read(folder)
     batches = batches or [1]
     bad = [b for b in batches if not 1 <= b <= m.max_batch]
     if bad:

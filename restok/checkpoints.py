@@ -16,6 +16,7 @@ error that lists the keys.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -310,8 +311,27 @@ def _tokenizer_hint(sd: dict[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------- loading
 
 
+def weights_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes, bytes): ties checkpoints and exports to weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(sd.items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_recorded_hash(sd: dict, meta: dict[str, str], config_json: dict | None, source: str) -> None:
+    """restok checkpoints record their weights' sha256: a modified or corrupt file is refused, not loaded."""
+    want = meta.get("restok_weights_sha256") or (config_json or {}).get("weights_sha256")
+    if want and weights_sha256(sd) != want:
+        raise CheckpointError(f"{source} does not match the sha256 its checkpoint recorded (modified or corrupt); "
+                              "restore it from where it came from")
+
+
 def _load(kind: str, path_or_repo_id, preset: str, device) -> nn.Module:
     sd, meta, config_json, source = _resolve(path_or_repo_id)
+    _check_recorded_hash(sd, meta, config_json, source)
     cfg = _config_for(kind, preset, meta, config_json, source)
     model = ResTok(cfg) if kind == "tokenizer" else HARGenerator(cfg)
     hint = (_tokenizer_hint if kind == "tokenizer" else _generator_hint)(sd)
@@ -360,8 +380,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
     kind = _kind_of(model)
     path = Path(path)
     cfg = model.cfg.to_dict()
-    meta = {"restok_format": str(FORMAT_VERSION), "restok_kind": kind, "restok_config": json.dumps(cfg)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    digest = weights_sha256(tensors)
+    meta = {"restok_format": str(FORMAT_VERSION), "restok_kind": kind, "restok_config": json.dumps(cfg),
+            "restok_weights_sha256": digest}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         with atomic_path(path) as tmp:
@@ -372,7 +394,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
     with staged(path, owned=lambda d: [WEIGHTS_NAME, CONFIG_NAME]) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
         os.chmod(tmp / WEIGHTS_NAME, 0o644)
-        doc = {"restok_format": FORMAT_VERSION, "kind": kind, "config": cfg, **(extra or {})}
+        doc = {"restok_format": FORMAT_VERSION, "kind": kind, "config": cfg, "weights_sha256": digest, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
     return path
 

@@ -162,6 +162,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _content_sha256(d: dict) -> str:
+    body = {k: v for k, v in d.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _verified_cache_path() -> Path:
     """Hashes of files restok verified, per user (never inside an export, so it cannot travel with it)."""
     root = Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
@@ -279,14 +284,17 @@ class Manifest:
                    fallback=d.get("fallback", {}), created=d.get("created", ""), schema_version=v, **fields_)
 
     def write(self, folder: str | os.PathLike) -> Path:
-        """Hash every listed file, then write manifest.json atomically (the last file of an export)."""
+        """Hash every listed file, then write manifest.json atomically (the last file of an export), with the
+        sha256 of its own content: the manifest is what every other file is checked against."""
         folder = Path(folder)
         files = {}
         for rel in sorted(self.files):
             p = folder / rel
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         self.files = files
-        return atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        d = self.to_dict()
+        d["content_sha256"] = _content_sha256(d)
+        return atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(d, indent=2) + "\n").encode())
 
     @classmethod
     def read(cls, folder: str | os.PathLike, verify: bool = True) -> "Manifest":
@@ -308,6 +316,9 @@ class Manifest:
         if not isinstance(d, dict):
             raise ArtifactError(f"{path} is not a restok artifacts manifest; re-export the artifacts")
         m = cls.from_dict(d, str(path))
+        if d.get("content_sha256") != _content_sha256(d):
+            raise ArtifactError(f"{path} was modified after the export wrote it (its content sha256 does not match); "
+                                "re-export the artifacts")
         graph_files = [g.file for g in m.graphs.values()] + ([m.fallback["generator"]["file"]] if m.fallback else [])
         for f in graph_files:
             if f not in m.files:

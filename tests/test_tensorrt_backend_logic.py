@@ -153,6 +153,9 @@ def test_engine_io_must_match_the_manifest(art, device):
     for t in d["graphs"]["generator"]["inputs"]:
         if t["name"] == "noise_keys":
             t["dtype"] = "int64"
+    from restok.manifest import _content_sha256
+
+    d["content_sha256"] = _content_sha256(d)  # a manifest that says int64, as a (mis)export would
     mp.write_text(json.dumps(d))
     with pytest.raises(ArtifactError, match="noise_keys is int32, the manifest says int64"):
         Pipeline(art, "tensorrt", manifest=Manifest.read(art))

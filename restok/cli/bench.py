@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from restok.cli.common import (EXIT_OK, CLIError, add_export_args, add_json_arg, add_model_args, artifacts,
-                               non_empty_path, non_negative_int, positive_int, say, write_json)
+from restok.cli.common import (EXIT_OK, CLIError, add_export_args, add_json_arg, add_model_args, add_verify_arg, artifacts,
+                               non_empty_path, non_negative_int, positive_int, read_manifest, say, write_json)
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs per backend (default 5)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    add_verify_arg(p)
     add_json_arg(p, "the results")
     p.set_defaults(func=run)
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     results = []
     for f in folders:
         results += run_bench(f, backends, batches=args.batch, runs=args.runs, warmup=args.warmup,
-                             threads=args.threads, device=args.device or "cpu")
+                             threads=args.threads, device=args.device or "cpu", manifest=read_manifest(f, args))
     write_json({"results": results}, args.json)
     say(args, format_table(results))
     return EXIT_OK

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from restok.cli.common import (EXIT_FAILED, EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg,
                                add_model_args, add_runtime_args, artifacts, finite_float, given_flags, non_empty_path,
-                               positive_int, write_json)
+                               positive_int, read_manifest, write_json)
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from restok.manifest import Manifest
     from restok.parity import ParityThresholds, run_check
 
     reference = None
@@ -53,7 +52,7 @@ def run(args) -> int:
     folder = artifacts(args)
     if args.threads is not None and args.backend == "tensorrt":
         raise CLIError("--threads applies to the onnxruntime backend; the tensorrt backend runs on the GPU")
-    m = Manifest.read(folder)
+    m = read_manifest(folder, args)
     th = ParityThresholds.for_backend(args.backend, m.precision)
     th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,

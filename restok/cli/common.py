@@ -118,6 +118,23 @@ def add_runtime_args(p: argparse.ArgumentParser, backends: tuple[str, ...] | Non
                    if "torch" in choices else "onnxruntime (default, CPU) or tensorrt (GPU; restok build first)")
     g.add_argument("--device", default=None, help="device of the PyTorch reference (cpu, cuda; default cpu)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    add_verify_arg(g)
+
+
+def add_verify_arg(g) -> None:
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the size and sha256 check of the artifacts' files (a warning says so); by default a "
+                        "file is hashed unless this user already verified it unchanged (same inode, size, mtime, ctime)")
+
+
+def read_manifest(folder, args):
+    """The artifacts' manifest, verified unless --no-verify (which is said on stderr)."""
+    from restok.manifest import Manifest
+
+    if getattr(args, "no_verify", False):
+        print(f"restok: warning: --no-verify: the files of {folder} are not checked against their sha256",
+              file=sys.stderr)
+    return Manifest.read(folder, verify=not getattr(args, "no_verify", False))
 
 
 def add_sampling_args(p: argparse.ArgumentParser, classes: bool = True) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 
 from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
                                add_runtime_args, add_sampling_args, artifacts, check_runtime_args, non_empty_path,
-                               sampling_from, say, write_json)
+                               read_manifest, sampling_from, say, write_json)
 
 SUMMARY = "summary.json"
 RUN_MARK = "restok-generate"
@@ -71,7 +72,7 @@ def run(args) -> int:
     out = Path(args.out)
     check_out(out)
     folder = artifacts(args)
-    with Pipeline(folder, backend=args.backend, threads=args.threads, **opts) as pipe:
+    with Pipeline(folder, backend=args.backend, threads=args.threads, manifest=read_manifest(folder, args), **opts) as pipe:
         m = pipe.manifest
         classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
         bad = [c for c in classes if not 0 <= c < m.num_classes]
@@ -97,7 +98,9 @@ def run(args) -> int:
     with staged(out, owned=run_files) as stage:
         files = [save_png(img, stage / f"{i:04d}_class{c}.png").name for i, (c, img) in enumerate(zip(classes, images))]
         save_png(make_grid(images), stage / "grid.png")
-        np.save(stage / "tokens.npy", np.concatenate(tokens))
+        buf = io.BytesIO()  # numpy's own file writing reports a full disk without errno: write the bytes ourselves
+        np.save(buf, np.concatenate(tokens))
+        (stage / "tokens.npy").write_bytes(buf.getvalue())
         summary = {
             "kind": RUN_MARK, "artifacts": str(folder), "backend": args.backend, "precision": m.precision,
             "max_batch": m.max_batch, "num_steps": m.num_steps, "classes": classes, "seed": args.seed,

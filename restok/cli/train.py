@@ -75,6 +75,11 @@ def run_extract_codes(args) -> int:
     from restok.training.codes import extract_codes
     from restok.training.data import open_dataset
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
     tok = load_tokenizer(args.tokenizer, args.preset)
     data = open_dataset(args.data, tok.cfg.image_size, train=False)
     import shlex

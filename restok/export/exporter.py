@@ -76,13 +76,10 @@ class ExportOptions:
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
-    """A content hash of a model's weights (names, dtypes, shapes, bytes), to tie artifacts to weights."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """A content hash of a model's weights (``restok.checkpoints.weights_sha256`` of its state dict)."""
+    from restok.checkpoints import weights_sha256
+
+    return weights_sha256(model.state_dict())
 
 
 def _tool_versions() -> dict:

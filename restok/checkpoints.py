@@ -34,7 +34,6 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STRIP_PREFIXES = ("_orig_mod.", "module.")
-KINDS = ("tokenizer", "generator")
 
 
 class CheckpointError(ValueError):

@@ -11,6 +11,24 @@ import numpy as np
 from restok.fileutil import atomic_path
 
 
+def psnr(a: np.ndarray, b: np.ndarray, *, clip: bool = False, uint8: bool = False, per_image: bool = False):
+    """PSNR in dB of images with values nominally in [0, 1] (the one PSNR of restok).
+
+    ``clip``: compare what would be displayed (values clipped to [0, 1]); ``uint8``: after rounding to 8 bits
+    (the official tokenizer evaluation); ``per_image``: one value per image of a batch [B, ...] instead of one
+    over everything. Identical inputs give inf."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if clip or uint8:
+        a, b = np.clip(a, 0.0, 1.0), np.clip(b, 0.0, 1.0)
+    if uint8:
+        a, b = np.round(a * 255.0) / 255.0, np.round(b * 255.0) / 255.0
+    err = (a - b) ** 2
+    mse = err.reshape(len(err), -1).mean(axis=1) if per_image else np.asarray(err.mean())
+    with np.errstate(divide="ignore"):
+        out = np.where(mse == 0, np.inf, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-300)))
+    return out if per_image else float(out)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float [B, 3, H, W] nominally in [0, 1] -> uint8 [B, H, W, 3], as the official sampler does
     (clamp(255 x, 0, 255) then truncation)."""

@@ -15,12 +15,12 @@ replay them (``polygraphy run generator/generator.onnx --onnxrt --load-inputs ge
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from restok.images import psnr
 from restok.manifest import Manifest
 from restok.runtime.backend import create_backend
 from restok.runtime.pipeline import Pipeline
@@ -45,11 +45,6 @@ class ParityThresholds:
         kw = {k: v for k, v in dict(max_logit_error=max_logit_error, min_token_agreement=min_token_agreement,
                                      min_psnr=min_psnr).items() if v is not None}
         return replace(self, **kw)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def _labels(m: Manifest, start: int, n: int) -> list[int]:

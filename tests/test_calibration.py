@@ -1,7 +1,6 @@
 """Calibration: Q/DQ placement TensorRT accepts, zero points 0, exclusions kept in FP32, the manifest's
 calibration record, and the quality gate refusing a broken calibration."""
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper

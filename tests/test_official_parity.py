@@ -93,3 +93,35 @@ def test_vanilla_mode(gen_golden):
     assert len(steps) == 128
     assert (torch.cat(steps, dim=1) - g["vanilla_logits"]).abs().max().item() <= 1e-4
     assert torch.equal(ids, g["vanilla_tokens"])
+
+
+# ------------------------------------------------------------------ through the whole chain
+# The official small models exported to ONNX and run by the torch-free runtime on ONNX Runtime: the
+# runtime is tied to the official code, not only to restok's own modules.
+
+OFFICIAL_SAMPLING = dict(cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_k=1, top_p=1.0)
+
+
+@pytest.mark.parametrize("which", ["golden_generator_artifacts", "golden_generator_artifacts_inplace"])
+def test_runtime_equals_official_generation(request, which):
+    from restok.runtime import Pipeline, SamplingParams
+
+    g = load_file(GOLDEN / "official_generator_small.safetensors")
+    art = request.getfixturevalue(which)
+    out = Pipeline(art).generate(g["labels"].numpy(), SamplingParams(**OFFICIAL_SAMPLING), keep_logits=True,
+                                 decode=False)
+    assert len(out.step_logits) == 9
+    for i, logits in enumerate(out.step_logits):
+        ref = g[f"har_step{i}_logits"].numpy()
+        assert logits.shape == ref.shape, i
+        assert abs(logits - ref).max() <= 1e-3, f"pass {i}: {abs(logits - ref).max()}"
+    assert (out.tokens == g["har_tokens"].numpy()).all()
+
+
+def test_runtime_tokenizer_equals_official(golden_tokenizer_artifacts):
+    from restok.runtime import Pipeline
+
+    t = load_file(GOLDEN / "official_tokenizer_small.safetensors")
+    p = Pipeline(golden_tokenizer_artifacts)
+    assert (p.encode(t["images"].numpy()) == t["ids"].numpy()).all()
+    assert abs(p.decode(t["ids"].numpy()) - t["decoded_128"].numpy()).max() <= 1e-4

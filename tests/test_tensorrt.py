@@ -5,7 +5,6 @@ only where TensorRT and a CUDA device exist."""
 import json
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

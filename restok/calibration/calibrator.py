@@ -16,7 +16,6 @@ DynamicQuantizeMatMul nodes (activation ranges measured per call), for ONNX Runt
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 
 from restok.calibration.qdq import insert_dynamic, insert_qdq, plan_graph
 from restok.fileutil import Discard, staged
+from restok.images import psnr
 from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest
 from restok.runtime.pipeline import Pipeline
 from restok.sampling_params import SamplingParams
@@ -158,11 +158,6 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
     return report, wf.index
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1).astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampling: SamplingParams,
                    classes=()) -> dict:
     """Candidate (quantized) vs reference (fp32) artifacts on ONNX Runtime, the same noise for both."""
@@ -184,7 +179,7 @@ def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampli
         agree += int((ga.tokens == gb.tokens).sum())
         total += ga.tokens.size
         dec_b = cand.decode(ga.tokens)  # the same tokens through the candidate decoder
-        p_all.extend(psnr(ga.images[j], dec_b[j]) for j in range(len(chunk)))
+        p_all.extend(psnr(ga.images, dec_b, clip=True, per_image=True).tolist())
     return {"images": images, "token_agreement": agree / total, "decoder_psnr_db": float(np.mean(p_all)),
             "decoder_psnr_min_db": float(np.min(p_all)), "steps": step_err}
 

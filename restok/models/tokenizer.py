@@ -13,7 +13,7 @@ ResnetBlock applies its shortcut conv to the block output, not to its input.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -515,8 +515,4 @@ class ResTok(nn.Module):
         return [x / total for x in w]
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["TokenizerConfig", "ResTok", "count_parameters", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["TokenizerConfig", "ResTok", "IMAGENET_MEAN", "IMAGENET_STD"]

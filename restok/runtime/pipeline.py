@@ -84,7 +84,7 @@ class Pipeline:
         given: int32 [b, NOISE_KEYS], e.g. rows of ``restok.noise.noise_keys`` for other seeds)."""
         m = self.manifest
         labels = self._labels(labels)
-        b, N = labels.shape[0], m.num_tokens
+        b = labels.shape[0]
         params = [sampling] * b if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != b:
             raise ValueError(f"got {len(params)} sampling settings for {b} labels")

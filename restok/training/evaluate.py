@@ -8,13 +8,7 @@ import math
 import numpy as np
 import torch
 
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of images in [0, 1] after rounding to 8 bits (the official evaluation)."""
-    qa = np.round(np.clip(a, 0, 1) * 255).astype(np.float64)
-    qb = np.round(np.clip(b, 0, 1) * 255).astype(np.float64)
-    mse = ((qa - qb) ** 2).reshape(len(qa), -1).mean(axis=1)
-    return np.where(mse == 0, np.inf, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)))
+from restok.images import psnr
 
 
 @torch.no_grad()
@@ -29,7 +23,7 @@ def tokenizer_metrics(tok, data, batch_size: int = 64) -> dict:
         xt = torch.from_numpy(x).to(device)
         ids = tok.encode(xt)
         rec = tok.decode(ids).float().cpu().numpy()
-        psnrs.append(psnr_uint8(x, rec))
+        psnrs.append(psnr(x, rec, uint8=True, per_image=True))
         counts += np.bincount(ids.cpu().numpy().reshape(-1), minlength=tok.cfg.codebook_size)
     p = counts / counts.sum()
     nz = p[p > 0]

@@ -21,8 +21,9 @@ Why this design (measured, see tests/test_noise.py and the closing notes of the 
 The generator is a 6-round Feistel permutation of Z_P x Z_P (P = 23159, prime; (2P)^2 < 2^31) over the
 counter (t, v), with the round function F(x) = (x + k_r)^2 mod P: distinct (t, v) never share a value, and
 6 rounds pass uniformity and serial-correlation tests along the vocabulary, token and image axes
-(tests/test_noise.py). Only the last step, u -> -log(-log(u)), is floating point; its last-bit differences
-between backends matter as little as those of the logits.
+(tests/test_noise.py). Floating point comes last: the counter's conversion to u in (0, 1) uses correctly
+rounded IEEE operations (int to float, add, multiply, min: the same bits on every backend), then
+g = -log(-log(u)), whose last-bit differences between backends matter as little as those of the logits.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = ["NOISE_KEYS", "NOISE_PRIME", "NOISE_ROUNDS", "noise_keys", "noise_uni
 NOISE_PRIME = 23159
 NOISE_ROUNDS = 6
 NOISE_KEYS = NOISE_ROUNDS + 2  # two whitening keys, then one per round
+UNIFORM_MAX = float(np.float32(1.0) - np.float32(2.0**-24))  # the largest float32 below 1
 
 
 def noise_keys(seed: int, count: int, start: int = 0) -> np.ndarray:
@@ -51,7 +53,8 @@ def check_capacity(num_tokens: int, vocab_size: int) -> None:
 
 
 def noise_uniforms(keys: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """float64 [B, n, V] of U(0, 1): the reference (numpy int64) of what the graph computes before the logs."""
+    """float32 [B, n, V] of U(0, 1): the reference (numpy int64, written independently of the torch code) of
+    what the graph computes before the logs, bit for bit."""
     P = NOISE_PRIME
     check_capacity(int(np.max(tokens)) + 1, vocab_size)
     k = np.asarray(keys, dtype=np.int64)
@@ -65,4 +68,5 @@ def noise_uniforms(keys: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.
     for r in range(NOISE_ROUNDS):
         f = (R + k[:, 2 + r].reshape(B, 1, 1)) ** 2 % P
         L, R = R, (L + f) % P
-    return (L * P + R + 0.5) / (P * P)
+    u = ((L * P + R).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (P * P))
+    return np.minimum(u, np.float32(UNIFORM_MAX))

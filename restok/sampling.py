@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from restok.noise import NOISE_PRIME, NOISE_ROUNDS
+from restok.noise import NOISE_PRIME, NOISE_ROUNDS, UNIFORM_MAX
 
 BISECTION_STEPS = 40
 
@@ -93,22 +93,33 @@ def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
 
 
 def gumbel_noise(keys: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise float32 [B, n, V] for token indices ``tokens`` [n] of the images keyed by ``keys``
-    int32 [B, NOISE_KEYS]: the 6-round Feistel generator of ``restok.noise`` in int32 (every value < 2^31;
-    exported as ONNX Add/Mul/Mod on INT32), then -log(-log(u))."""
+    """Gumbel(0, 1) noise float32 [B, n, V]: -log(-log(u)) of ``uniform_noise``."""
+    return -torch.log(-torch.log(uniform_noise(keys, tokens, vocab_size)))
+
+
+def uniform_noise(keys: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """U(0, 1) float32 [B, n, V] for token indices ``tokens`` [n] of the images keyed by ``keys`` int32
+    [B, NOISE_KEYS]: the 6-round Feistel generator of ``restok.noise`` in int32, bit for bit its reference.
+
+    Exported as ONNX Add/Mul/Mod on INT32. Every intermediate stays below 2^31: a round computes
+    (L + (R + k)^2) mod P with L, R, k < P, at most P + 4P^2 < 2^31, the same as (L + ((R + k)^2 mod P)) mod P
+    with one Mod instead of two (Mod is the slow op on a CPU). The first round works on [B, 1, V] and
+    [B, n, 1] tensors; only the rounds after it touch every (token, vocabulary entry)."""
     P = NOISE_PRIME
     k = keys.to(torch.int32)
     col = lambda i: k[:, i].reshape(-1, 1, 1)  # noqa: E731
-    v = torch.arange(vocab_size, dtype=torch.int32, device=k.device)
+    v = torch.arange(vocab_size, dtype=torch.int32, device=k.device).reshape(1, 1, -1)
     t = tokens.to(torch.int32).reshape(1, -1, 1)
     hi = -(-vocab_size // P)
-    left = torch.remainder(t * hi + (v // P).reshape(1, 1, -1) + col(0), P)
-    right = torch.remainder((v % P).reshape(1, 1, -1) + col(1), P)
+    left = t * hi + col(0)  # < 2P, reduced by the first round's Mod
+    if hi > 1:
+        left = left + v // P
+    right = torch.remainder(v % P + col(1), P)
     for r in range(NOISE_ROUNDS):
         f = right + col(2 + r)
-        left, right = right, torch.remainder(left + torch.remainder(f * f, P), P)
+        left, right = right, torch.remainder(left + f * f, P)
     u = ((left * P + right).to(torch.float32) + 0.5) * (1.0 / (P * P))
-    return -torch.log(-torch.log(u))
+    return torch.clamp_max(u, UNIFORM_MAX)  # float32 rounds the largest counters up to 1.0
 
 
 def sample_tokens(

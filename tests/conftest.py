@@ -37,6 +37,8 @@ EXPORTS = {
     "golden_generator_artifacts_inplace": ["--checkpoint", "{base}/golden_gen_ck", "--max-batch", "2", "--no-encoder",
                                            "--kv-cache", "inplace", "--no-concat-fallback"],
     "golden_tokenizer_artifacts": ["--checkpoint", "{base}/golden_tok_ck", "--max-batch", "2"],
+    # what make demo ships: the bundled trained model (restok/assets/tiny), default options
+    "bundled_artifacts": ["--no-encoder"],
     "tiny_artifacts_fp16": ["--preset", "tiny", "--precision", "fp16", "--no-encoder", "--max-batch", "4"],
     # the in-place KV cache (TensorScatter, opset 24) + its past/present fallback generator
     "tiny_artifacts_inplace": ["--preset", "tiny", "--max-batch", "4", "--kv-cache", "inplace", "--no-encoder"],
@@ -152,6 +154,11 @@ def golden_generator_artifacts_inplace(tmp_path_factory):
 @pytest.fixture(scope="session")
 def golden_tokenizer_artifacts(tmp_path_factory):
     return _exported("golden_tokenizer_artifacts", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def bundled_artifacts(tmp_path_factory):
+    return _exported("bundled_artifacts", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

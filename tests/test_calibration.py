@@ -14,7 +14,7 @@ PERMISSIVE = dict(samples=4, gate_images=4, min_token_agreement=0.0, min_psnr=0.
 @pytest.fixture(scope="module")
 def int8_artifacts(tiny_artifacts, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int8"
-    r = calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8", **PERMISSIVE), threads=1)
+    r = calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8", method="max", **PERMISSIVE), threads=1)
     assert r["passed"]
     return out
 

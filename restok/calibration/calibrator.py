@@ -35,7 +35,10 @@ from restok.sampling_params import SamplingParams
 class CalibrationOptions:
     precision: str = "int8"  # int8 | fp8 | int8-weight-only | int8-dynamic (ONNX Runtime CPU only)
     samples: int = 32  # calibration images (class labels cycle through ``classes``)
-    method: str = "max"  # activation ranges: max |x| over all samples, or the max over samples of a percentile
+    # activation ranges: the max over samples of a per-sample percentile of |x| (default), or max |x|. On the
+    # bundled trained model (INT8 W8A8, 32 samples, 64 gate images): percentile 99.99 -> 90.9% tokens / 39.6 dB,
+    # max -> 88.8% / 39.1 dB (fails the 90% gate); the session before measured 93.4% vs 91.6% with its noise
+    method: str = "percentile"
     percentile: float = 99.99
     classes: tuple[int, ...] = ()  # default: all classes
     seed: int = 1234

@@ -23,9 +23,10 @@ def add_parser(sub) -> None:
                         "int8-dynamic (ONNX Runtime CPU only: int8 GEMMs with per-call activation ranges, "
                         "no calibration data; the fast CPU path)")
     p.add_argument("--samples", type=positive_int, default=32, help="calibration generations (default 32)")
-    p.add_argument("--method", choices=("max", "percentile"), default="max",
-                   help="activation ranges: max |x| over the samples (default), or the largest per-sample "
-                        "percentile of |x| (--percentile), which clips rare outliers")
+    p.add_argument("--method", choices=("percentile", "max"), default="percentile",
+                   help="activation ranges: the largest per-sample percentile of |x| (--percentile; default), which "
+                        "clips rare outliers, or max |x| over the samples (on the bundled model: 90.9%% vs 88.8%% "
+                        "sampled tokens equal to fp32)")
     p.add_argument("--percentile", type=finite_float, default=99.99, help="with --method percentile (default 99.99)")
     p.add_argument("--classes", type=non_negative_int, nargs="+", help="calibration class ids (default: all, cycled)")
     p.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (kept in FP32 by default)")

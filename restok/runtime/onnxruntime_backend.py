@@ -33,7 +33,8 @@ class OnnxRuntimeBackend(HostBackend):
         super().__init__(folder, manifest, threads)
         self.ort = _ort()
         self.providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {name: self._session(g.file) for name, g in manifest.graphs.items()}
+        # the encoder is loaded on first use: generation never needs it (GPT-L's tokenizer encoder is ~1.2 GB)
+        self.sessions = {name: self._session(g.file) for name, g in manifest.graphs.items() if name != "encoder"}
         self._bindings: dict[int, list] = {}  # batch -> one IOBinding per pass
         self._dec_bindings: dict[int, object] = {}
         self._values: dict[tuple, tuple] = {}  # (buffer, shape) -> (OrtValue, the numpy view it wraps)
@@ -92,6 +93,8 @@ class OnnxRuntimeBackend(HostBackend):
         return self.view(tout.buffer, self.plan.shape(tout, b))
 
     def run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if name not in self.sessions and name in self.manifest.graphs:
+            self.sessions[name] = self._session(self.manifest.graphs[name].file)
         sess = self.sessions[name]
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds)))

@@ -88,7 +88,7 @@ class Pipeline:
         params = [sampling] * b if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != b:
             raise ValueError(f"got {len(params)} sampling settings for {b} labels")
-        for p in params:
+        for p in {id(p): p for p in params}.values():
             p.validate()
         if any(p.guided for p in params) and not m.guided:
             raise ArtifactError("these artifacts were exported without guidance (--no-cfg); re-export to use cfg_scale > 1")
@@ -99,7 +99,8 @@ class Pipeline:
                 or keys.max() >= NOISE_PRIME:
             raise ValueError(f"noise keys must be integers in [0, {NOISE_PRIME}) of shape [{b}, {NOISE_KEYS}], "
                              f"got {keys.shape}")
-        cfg = np.asarray([p.cfg_scales(self.schedule) for p in params], dtype=np.float32).T  # [steps, b]
+        scales = {id(p): p.cfg_scales(self.schedule) for p in params}
+        cfg = np.asarray([scales[id(p)] for p in params], dtype=np.float32).T  # [steps, b]
         return RunInputs(labels, keys.astype(np.int32), np.ascontiguousarray(cfg),
                          np.asarray([p.temperature for p in params], np.float32),
                          np.asarray([int(p.top_k) for p in params], np.int64),

@@ -141,6 +141,12 @@ class BindingPlan:
             if nxt is not None and len(nxt.token_inputs) != st.num_new:
                 raise ArtifactError("the schedule's passes do not chain (a pass must embed all of the previous "
                                     "pass's predictions); re-export with this restok")
+        # the host inputs, once per buffer (temperature, top_k, top_p and the noise keys serve every pass)
+        self.host_inputs: dict[str, tuple[Binding, PassPlan]] = {}
+        for p in self.passes:
+            for bd in p.inputs:
+                if self.buffers[bd.buffer].kind == HOST_INPUT:
+                    self.host_inputs.setdefault(bd.buffer, (bd, p))
         dec = m.graphs["decoder"]
         ddims = {"batch": B}
         self.decoder = (tuple(Binding(t, self._add(f"decoder.{t.name}", t, ddims, STATE)) for t in dec.inputs),
@@ -203,22 +209,19 @@ class BindingPlan:
         if m.guided:
             labels = np.concatenate([labels, np.full(b, m.null_class, dtype=np.int64)])
         out = {}
-        for p in self.passes:
-            st = p.step
-            for bd in p.inputs:
-                role, key = bd.tensor.role, bd.buffer
-                if role == "tokens" and self.buffers[key].kind == HOST_INPUT:
-                    out[key] = np.repeat(labels[:, None], st.num_new, axis=1)  # class labels in every column
-                elif role == "noise_keys":
-                    out[key] = np.ascontiguousarray(run.noise_keys, dtype=np.int32)
-                elif role == "sampling":
-                    v = {"cfg_scale": run.cfg_scales[st.index], "temperature": run.temperature,
-                         "top_k": run.top_k, "top_p": run.top_p}[bd.tensor.name]
-                    out[key] = np.asarray(v, dtype=self.buffers[key].dtype)
+        for key, (bd, p) in self.host_inputs.items():
+            role, dtype = bd.tensor.role, self.buffers[key].dtype
+            if role == "tokens":  # pass 0: the class labels in every column
+                out[key] = np.repeat(labels[:, None], p.step.num_new, axis=1)
+            elif role == "noise_keys":
+                out[key] = np.ascontiguousarray(run.noise_keys, dtype=dtype)
+            else:  # sampling
+                v = {"cfg_scale": run.cfg_scales[p.index], "temperature": run.temperature,
+                     "top_k": run.top_k, "top_p": run.top_p}[bd.tensor.name]
+                out[key] = np.asarray(v, dtype=dtype)
         return out
 
     def host_bytes(self, batch: int) -> int:
         """Bytes of host inputs for one run of ``batch`` images (what crosses to the device per run)."""
-        sizes = {bd.buffer: int(np.prod(self.shape(bd, batch, p))) * self.buffers[bd.buffer].dtype.itemsize
-                 for p in self.passes for bd in p.inputs if self.buffers[bd.buffer].kind == HOST_INPUT}
-        return sum(sizes.values())
+        return sum(int(np.prod(self.shape(bd, batch, p))) * self.buffers[key].dtype.itemsize
+                   for key, (bd, p) in self.host_inputs.items())

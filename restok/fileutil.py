@@ -131,18 +131,29 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def _carry_over(old: Path, new: Path, owned: set[str]) -> None:
-    """Move every file of ``old`` that restok did not write (not in ``owned``) to the same place in ``new``;
-    a name the new folder already uses keeps the user's file beside it as NAME.kept."""
+def _carry_over(old: Path, new: Path, owned: set[str], link: bool = False) -> None:
+    """Give ``new`` every file of ``old`` that restok did not write (not in ``owned``), at the same place:
+    hard links (a copy where the filesystem has none) when ``link``, else moved. A name the new folder
+    already uses keeps the user's file beside it as NAME.kept; a file already there (same inode) is left."""
     for rel in _files(old):
         if rel in owned or rel == PARTIAL_MARK:
             continue
         src, dst = old / rel, new / rel
+        if dst.exists() and os.path.samefile(src, dst):
+            continue
         if dst.exists() or dst.is_symlink():
             dst = dst.with_name(dst.name + ".kept")
             print(f"restok: kept your {rel} as {dst} (the new output writes that name)", file=sys.stderr)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        if not link:
+            os.replace(src, dst)
+        elif src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
 
 
 def _clean_stale(final: Path, owned: Callable[[Path], Iterable[str]]) -> None:
@@ -206,17 +217,18 @@ def staged(final: str | os.PathLike, owned: Callable[[Path], Iterable[str]] = _n
 
 
 def _swap_in(stage: Path, final: Path, owned: Callable[[Path], Iterable[str]]) -> None:
+    """The user's files of the old folder are linked into the new one first, so that whatever instant a
+    crash hits, the folder at ``final`` (old or new) has them."""
     if not final.exists():
         (stage / PARTIAL_MARK).unlink()
         os.rename(stage, final)
         return
+    _carry_over(final, stage, set(owned(final)), link=True)
     if _exchange(stage, final):
-        (final / PARTIAL_MARK).unlink()
         old = stage  # the old folder now lives at the staging name
     else:  # two renames; a crash between them is repaired by _clean_stale
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-        (stage / PARTIAL_MARK).unlink()
         os.replace(stage, final)
-    _carry_over(old, final, set(owned(old)))
+    (final / PARTIAL_MARK).unlink(missing_ok=True)
     shutil.rmtree(old, ignore_errors=True)

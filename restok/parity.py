@@ -95,7 +95,8 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
         cand.close()
         raise
     pref, pcand = Pipeline(folder, ref, manifest=m), Pipeline(folder, cand, manifest=m)
-    pg_dir = polygraphy_dir or folder / "polygraphy"
+    pg_dir = polygraphy_dir  # None: no Polygraphy files (restok check writes them to ARTIFACTS/polygraphy)
+    write_pg = pg_dir is not None and _has_polygraphy()
     batch = min(2, m.max_batch)
     report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "max_batch": m.max_batch,
                     "guided": m.guided, "kv_cache": m.kv_cache, "thresholds": th.__dict__, "steps": []}
@@ -119,7 +120,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
                 "kv_max_abs_error": max(float(np.abs(want[k] - got[k].astype(np.float32)).max()) for k in kv),
             })
             name = f"generator_pass{st.index}"
-            replay[name] = _save_polygraphy(pg_dir, name, f, want) if _has_polygraphy() else None
+            replay[name] = _save_polygraphy(pg_dir, name, f, want) if write_pg else None
 
         # 2. free-running generations under the same seed
         agree = total = identical = 0
@@ -140,7 +141,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
         report["decoder"] = {"max_abs_error": float(np.abs(ia - ib).max()), "psnr_db": psnr(ia, ib),
                              "image_std": float(ia.std())}
         replay["decoder"] = (_save_polygraphy(pg_dir, "decoder", {"tokens": first_tokens}, {"images": ia})
-                             if _has_polygraphy() else None)
+                             if write_pg else None)
         if "encoder" in m.graphs and cand.has_encoder:
             x = np.clip(ia, 0.0, 1.0).astype(np.float32)
             ea, eb = np.asarray(ref.encode(x)), np.asarray(cand.encode(x))
@@ -151,10 +152,11 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
         pref.close()
         pcand.close()
     report["polygraphy"] = {
-        "dir": str(pg_dir) if _has_polygraphy() else None,
+        "dir": str(pg_dir) if write_pg else None,
         "replay": {name: f"polygraphy run {folder / m.graphs[name.split('_pass')[0]].file} --onnxrt --load-inputs "
                          f"{f['inputs']} --load-outputs {f['outputs']}" for name, f in replay.items() if f},
-        "note": None if _has_polygraphy() else "polygraphy is not installed: no replay files written",
+        "note": None if write_pg else ("no replay files asked for" if pg_dir is None else
+                                       "polygraphy is not installed: no replay files written"),
     }
 
     # verdict

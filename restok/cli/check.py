@@ -56,7 +56,7 @@ def run(args) -> int:
     th = ParityThresholds.for_backend(args.backend, m.precision)
     th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
-                       polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else None,
+                       polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else folder / "polygraphy",
                        backend=args.backend, device=args.device or "cpu", manifest=m, reference=reference)
     write_json(report, args.json)
     print(report["summary"], flush=True, file=__import__("sys").stderr)

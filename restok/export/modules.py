@@ -201,51 +201,49 @@ class GeneratorGraph(nn.Module):
 # ------------------------------------------------------------------------------------ tokenizer
 
 
-class DecoderGraph(nn.Module):
-    """``tokens`` [B, N] int64 -> ``images`` [B, 3, S, S] float32 (not clamped)."""
+class _TokenizerGraph(nn.Module):
+    """A tokenizer graph: tokens [B, N] int64 and images [B, 3, S, S] float32, one of them in, the other out."""
 
     def __init__(self, tok: ResTok):
         super().__init__()
         self.tok = tok
 
-    def signature(self):
+    def _specs(self) -> tuple[TensorSpec, TensorSpec]:
         c = self.tok.cfg
-        return ((TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),),
-                (TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"),))
+        return (TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),
+                TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"))
+
+    def dynamic_shapes(self, max_batch: int) -> tuple:
+        from torch.export import Dim
+
+        return ({0: Dim("batch", min=1, max=max_batch)},)
+
+
+class DecoderGraph(_TokenizerGraph):
+    """``tokens`` [B, N] int64 -> ``images`` [B, 3, S, S] float32 (not clamped)."""
+
+    def signature(self):
+        tokens, images = self._specs()
+        return (tokens,), (images,)
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         N, V = self.tok.cfg.num_latent_tokens, self.tok.cfg.codebook_size
         return (torch.arange(batch * N).reshape(batch, N) % V,)
 
-    def dynamic_shapes(self, max_batch: int) -> tuple:
-        from torch.export import Dim
-
-        return ({0: Dim("batch", min=1, max=max_batch)},)
-
     def forward(self, tokens):
         return self.tok.decode_codes(self.tok.quantize.lookup(tokens)).float()
 
 
-class EncoderGraph(nn.Module):
+class EncoderGraph(_TokenizerGraph):
     """``images`` [B, 3, S, S] float32 in [0, 1] -> ``tokens`` [B, N] int64."""
 
-    def __init__(self, tok: ResTok):
-        super().__init__()
-        self.tok = tok
-
     def signature(self):
-        c = self.tok.cfg
-        return ((TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"),),
-                (TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),))
+        tokens, images = self._specs()
+        return (images,), (tokens,)
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         s = self.tok.cfg.image_size
         return (torch.rand(batch, 3, s, s, generator=torch.Generator().manual_seed(0)),)
-
-    def dynamic_shapes(self, max_batch: int) -> tuple:
-        from torch.export import Dim
-
-        return ({0: Dim("batch", min=1, max=max_batch)},)
 
     def forward(self, images):
         dtype = self.tok.pixel_encoder.conv_in.weight.dtype

@@ -68,19 +68,18 @@ def randomize_weights_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def build_tokenizer(config: str | TokenizerConfig = "L", seed: int | None = None) -> ResTok:
-    """A tokenizer of a preset or config; with ``seed``, seeded random weights (else the official init)."""
-    cfg = get_preset(config).tokenizer if isinstance(config, str) else config
-    model = ResTok(cfg)
+def _build(cls, cfg, seed: int | None) -> nn.Module:
+    model = cls(cfg)
     if seed is not None:
         randomize_weights_(model, seed)
     return model.eval()
+
+
+def build_tokenizer(config: str | TokenizerConfig = "L", seed: int | None = None) -> ResTok:
+    """A tokenizer of a preset or config; with ``seed``, seeded random weights (else the official init)."""
+    return _build(ResTok, get_preset(config).tokenizer if isinstance(config, str) else config, seed)
 
 
 def build_generator(config: str | GeneratorConfig = "L", seed: int | None = None) -> HARGenerator:
     """A generator of a preset or config; with ``seed``, seeded random weights (else the official init)."""
-    cfg = get_preset(config).generator if isinstance(config, str) else config
-    model = HARGenerator(cfg)
-    if seed is not None:
-        randomize_weights_(model, seed)
-    return model.eval()
+    return _build(HARGenerator, get_preset(config).generator if isinstance(config, str) else config, seed)

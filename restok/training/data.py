@@ -27,6 +27,21 @@ def sample_rng(seed: int, step: int, position: int, salt: int = 0) -> np.random.
 # --------------------------------------------------------------------------------- transforms
 
 
+def _open_image(source, where: str):
+    """A PIL RGB image from a path or a file object; what is not a readable image is bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, SyntaxError, ValueError) as e:  # not an image, or a truncated one
+        raise ValueError(f"{where} is not a readable image ({e}); remove it from the dataset") from e
+    except OSError as e:
+        if e.errno is None:  # PIL's "image file is truncated" and friends carry no errno: bad data
+            raise ValueError(f"{where} is not a readable image ({e}); remove it from the dataset") from e
+        raise
+
+
 def _pil_to_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
@@ -143,18 +158,8 @@ class ImageFolderDataset:
         return self.items[i][1]
 
     def pil(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
         path = self.items[i][0]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, SyntaxError, ValueError) as e:  # not an image, or a truncated one
-            raise ValueError(f"{path} is not a readable image ({e}); remove it from the dataset folder") from e
-        except OSError as e:
-            if e.errno is None:  # PIL's "image file is truncated" and friends carry no errno: bad data
-                raise ValueError(f"{path} is not a readable image ({e}); remove it from the dataset folder") from e
-            raise
+        return _open_image(path, str(path))
 
     def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         img = self.pil(i)
@@ -211,15 +216,10 @@ class WebDatasetShards:
         return self.index[i][2]
 
     def pil(self, i: int):
-        from PIL import Image
-
         si, mem, _ = self.index[i]
         with tarfile.open(self.paths[si]) as tf:
             data = tf.extractfile(mem).read()
-        try:
-            return Image.open(io.BytesIO(data)).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{self.paths[si]}: member {mem.name} is not a readable image ({e})") from e
+        return _open_image(io.BytesIO(data), f"{self.paths[si]}: member {mem.name}")
 
     def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         img = self.pil(i)

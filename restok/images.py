@@ -49,10 +49,19 @@ def make_grid(images_u8: np.ndarray, columns: int | None = None, pad: int = 2) -
     return grid
 
 
-def save_png(image_u8: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write one uint8 [H, W, 3] image atomically (temporary name, then rename)."""
+def png_bytes(image_u8: np.ndarray) -> bytes:
+    """One uint8 [H, W, 3] image as PNG file bytes (what save_png writes, byte for byte)."""
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(image_u8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image_u8: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write one uint8 [H, W, 3] image atomically (temporary name, then rename)."""
     with atomic_path(path) as tmp:
-        Image.fromarray(image_u8).save(tmp, format="PNG")
+        Path(tmp).write_bytes(png_bytes(image_u8))
     return Path(path)

@@ -85,7 +85,7 @@ def top_p_filter(x: torch.Tensor, top_p) -> torch.Tensor:
     xs, lo, hi = _bracket(x)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) * 0.5
-        mass = (probs * (xs > mid).to(probs.dtype)).sum(dim=-1, keepdim=True)
+        mass = torch.where(xs > mid, probs, 0.0).sum(dim=-1, keepdim=True)
         ok = mass <= p
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)

@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from restok.cli import bench, build, calibrate, check, export, generate, train
+    from restok.cli import bench, build, calibrate, check, export, generate, loadtest, sample, serve, train
 
     parser = argparse.ArgumentParser(
         prog="restok",
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in (export, generate, check, bench, build, calibrate):
+    for mod in (export, generate, check, bench, build, calibrate, serve, sample, loadtest):
         mod.add_parser(sub)
     train.add_parsers(sub)
     return parser

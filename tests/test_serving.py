@@ -1,0 +1,241 @@
+"""restok serve: a real server process on a free port, spoken to over HTTP (images byte-identical to restok
+generate, every error status, the API key, /metrics, SIGTERM draining), the load generator, the backend-error
+path, and offline sampling jobs (sharded, resumable after SIGKILL)."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install 'restok[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'restok[serve]'")
+
+from restok.cli import main  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``restok serve`` in a subprocess on 127.0.0.1; waits until /health/ready says yes."""
+
+    def __init__(self, artifacts, *args, key=KEY):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        cmd = [sys.executable, "-m", "restok", "serve", "--artifacts", str(artifacts), "--port", str(self.port), *args]
+        if key:
+            cmd += ["--api-key", key]
+        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
+            try:
+                if httpx.get(self.url + "/health/ready", headers=self.headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("the server did not become ready")
+
+    def post(self, body, headers=None, timeout=120):
+        return httpx.post(self.url + "/v1/images/generations", json=body, timeout=timeout,
+                          headers=self.headers if headers is None else headers)
+
+    def get(self, path, headers=None):
+        return httpx.get(self.url + path, headers=self.headers if headers is None else headers, timeout=30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts):
+    s = Server(tiny_artifacts, "--max-batch", "4", "--max-wait-ms", "30", "--max-queue", "12")
+    yield s
+    s.stop()
+
+
+def _cli_pngs(artifacts, tmp_path, classes, seed):
+    out = tmp_path / f"gen_{seed}"
+    assert main(["generate", "--artifacts", str(artifacts), "--classes", *map(str, classes), "--seed", str(seed),
+                 "--out", str(out)]) == 0
+    return [(out / f"{i:04d}_class{c}.png").read_bytes() for i, c in enumerate(classes)]
+
+
+def test_images_equal_restok_generate_whatever_the_batch(server, tiny_artifacts, tmp_path):
+    """Two requests arriving together share runs; each image is byte for byte what restok generate writes
+    for its seed and index."""
+    reqs = [({"class_labels": [1, 2, 3], "seed": 7}, [1, 2, 3]), ({"class_labels": [4], "n": 2, "seed": 9}, [4, 4])]
+    with ThreadPoolExecutor(2) as pool:
+        resps = list(pool.map(lambda r: server.post(r[0]), reqs))
+    sizes = set()
+    for (body, classes), r in zip(reqs, resps):
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert [d["class_label"] for d in doc["data"]] == classes and [d["index"] for d in doc["data"]] == list(
+            range(len(classes)))
+        assert all(d["seed"] == body["seed"] for d in doc["data"])
+        got = [base64.b64decode(d["b64_json"]) for d in doc["data"]]
+        assert got == _cli_pngs(tiny_artifacts, tmp_path, classes, body["seed"])
+        sizes.update(doc["timings"]["batch_sizes"])
+    assert max(sizes) > 1  # the two requests did share a run
+    png = server.post({"class_labels": [2], "seed": 7, "response_format": "png"})
+    assert png.headers["content-type"] == "image/png" and png.content == _cli_pngs(tiny_artifacts, tmp_path, [2], 7)[0]
+    drawn = server.post({"class_labels": [5], "response_format": "tokens"}).json()["data"][0]
+    assert isinstance(drawn["seed"], int) and len(drawn["tokens"]) == 128  # a seed left out is drawn and echoed
+
+
+def test_error_statuses(server):
+    assert server.post({"class_labels": [1]}, headers={}).status_code == 401
+    assert server.post({"class_labels": [1]}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert server.get("/metrics", headers={}).status_code == 401
+    for body, field in (({"class_labels": [12]}, "class_labels"), ({"class_labels": [1], "temperature": "nan"},
+                         "temperature"), ({"class_labels": [1], "top_p": 2}, "top_p"), ({"class_labels": []},
+                         "class_labels"), ({"class_labels": [1], "n": 13}, "n"),
+                        ({"class_labels": [1], "cfg_schedule": "sigmoid"}, "cfg_schedule"),
+                        ({"class_labels": [1, 2], "response_format": "png"}, "response_format"),
+                        ({"class_labels": [1], "colour": "red"}, "colour")):
+        r = server.post(body)
+        assert r.status_code == 422, (body, r.text)
+        assert field in json.dumps(r.json()["detail"]), (body, r.text)
+    # overload: a bounded queue of 12 images answers 429 with Retry-After, never 5xx
+    with ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda i: server.post({"class_labels": [i % 10], "n": 6, "seed": i}), range(8)))
+    codes = [r.status_code for r in resps]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    assert all(r.headers.get("retry-after") for r in resps if r.status_code == 429)
+    assert server.get("/health/ready").status_code == 200
+
+
+def test_models_and_metrics(server):
+    card = server.get("/v1/models").json()["data"][0]
+    assert card["max_batch"] == 4 and card["num_classes"] == 10 and card["schedule"]["num_steps"] == 9
+    server.post({"class_labels": [1], "response_format": "tokens"})
+    text = server.get("/metrics").text
+    for name in ('restok_requests_total{status="200"}', 'restok_requests_total{status="422"}', "restok_images_total",
+                 "restok_request_seconds_bucket", "restok_queue_seconds_bucket", "restok_batch_run_seconds_bucket",
+                 'restok_batch_size_bucket{le="4.0"}', 'restok_pass_seconds_bucket{le=', "restok_queued_images",
+                 "restok_running_images", f'artifacts_sha256="{card["artifacts_sha256"]}"'):
+        assert name in text, name
+
+
+def test_deadline_and_disconnect(tiny_artifacts):
+    s = Server(tiny_artifacts, "--max-batch", "1", "--request-timeout", "0.3", key=None)
+    try:
+        r = s.post({"class_labels": list(range(10)), "n": 2, "response_format": "tokens"})
+        assert r.status_code == 504 and "--request-timeout" in r.text
+        # a client that goes away: its queued images are dropped, the server keeps serving
+        with pytest.raises(httpx.ReadTimeout):
+            s.post({"class_labels": list(range(10)), "response_format": "tokens"}, timeout=0.1)
+        time.sleep(1.0)
+        assert s.get("/health/ready").status_code == 200
+        assert 'restok_queued_images 0.0' in s.get("/metrics").text
+        assert s.post({"class_labels": [3], "response_format": "tokens"}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains(tiny_artifacts):
+    s = Server(tiny_artifacts, "--max-batch", "2", key=None)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(s.post, {"class_labels": list(range(10)), "n": 3, "response_format": "tokens"})
+        time.sleep(0.3)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert s.get("/health/ready").status_code == 503  # not ready while it drains
+        assert s.post({"class_labels": [1]}).status_code == 503
+        r = long.result(timeout=120)
+    assert r.status_code == 200 and len(r.json()["data"]) == 30  # the in-flight work finished
+    assert s.proc.wait(timeout=60) == 0
+
+
+def test_a_failing_backend_fails_its_requests_only(tiny_artifacts):
+    """A run that raises answers its requests with 500 and the server goes on (the app in-process: the
+    fault is injected into its service)."""
+    from fastapi.testclient import TestClient
+
+    from restok.serving.app import ServeConfig, Service, create_app
+
+    class Flaky(Service):
+        def _run_batch(self, jobs):
+            if any(j.label == 9 for j in jobs):
+                raise RuntimeError("device lost")
+            return super()._run_batch(jobs)
+
+    cfg = ServeConfig(str(tiny_artifacts), max_batch=1, warmup=False)
+    with TestClient(create_app(cfg, Flaky(cfg))) as client:
+        bad = client.post("/v1/images/generations", json={"class_labels": [9]})
+        assert bad.status_code == 500 and "device lost" in bad.text
+        assert client.post("/v1/images/generations", json={"class_labels": [1]}).status_code == 200
+
+
+def test_loadtest_reports(server, tmp_path):
+    out = tmp_path / "load.json"
+    assert main(["loadtest", "--url", server.url, "--concurrency", "4", "--requests", "12", "--api-key", KEY,
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ok"] == 12 and r["errors_by_status"] == {} and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"] > 0
+    assert sum(r["server_batch_sizes"].values()) >= 3
+
+
+# --------------------------------------------------------------------------------- sampling jobs
+
+
+def test_sample_job_shards_resume_and_split(tiny_artifacts, tmp_path):
+    """In-process, split in two with --shard, and killed half way then resumed: the same samples.npz."""
+    base = ["sample", "--artifacts", str(tiny_artifacts), "--classes", "1", "2", "3", "--per-class", "8",
+            "--shard-size", "4", "--seed", "5"]
+    assert main(base + ["--out", str(tmp_path / "one")]) == 0
+    ref = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
+    index = json.loads((tmp_path / "one" / "samples.json").read_text())
+    assert ref.shape == (24, 32, 32, 3) and ref.dtype == np.uint8
+    assert [(d["class"], d["index"], d["seed"]) for d in index["index"][:9:8]] == [(1, 0, 5), (2, 8, 5)]
+    # image 10 equals restok generate's image for the same seed and index
+    from restok.images import to_uint8
+    from restok.runtime import Pipeline
+
+    g = Pipeline(tiny_artifacts).generate([2], seed=5, noise_start=10)
+    assert np.array_equal(to_uint8(g.images)[0], ref[10])
+    split = tmp_path / "split"
+    assert main(base + ["--out", str(split), "--shard", "1/2"]) == 0
+    assert not (split / "samples.npz").exists()  # half the shards: nothing assembled yet
+    assert main(base + ["--out", str(split), "--shard", "0/2"]) == 0
+    assert np.array_equal(np.load(split / "samples.npz")["arr_0"], ref)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "restok", *base, "--out", str(killed)]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and len(list((killed / "shards").glob("*.npz"))) < 2:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((killed / "shards").glob("*.npz")))
+    assert 0 < done < 6 and not (killed / "samples.npz").exists()
+    assert main(base + ["--out", str(killed), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["already_done"] == done
+    assert np.array_equal(np.load(killed / "samples.npz")["arr_0"], ref)
+    with pytest.raises(SystemExit):
+        main(base[:-1] + ["6", "--out", str(killed), "--shard", "2/2"])
+    assert main(base[:-1] + ["6", "--out", str(killed)]) == 2  # another job's folder: refused

@@ -125,7 +125,11 @@ def _exported(name: str, tmp_path_factory) -> Path:
         assert main(["export", *[a.format(base=base) for a in EXPORTS[name]], "--out", str(out)]) == 0
         return out
     proc, out, log = _EXPORTS[name]
-    rc = proc.wait(timeout=1800)
+    try:  # under the per-test timeout (600 s), so a stuck export fails here, with its log, not as a timeout
+        rc = proc.wait(timeout=540)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"restok export {' '.join(EXPORTS[name])} did not finish in 540 s:\n{log.read_text()[-4000:]}")
     assert rc == 0, f"restok export {' '.join(EXPORTS[name])} failed ({rc}):\n{log.read_text()[-4000:]}"
     return out
 

@@ -339,3 +339,14 @@ def test_cuda_without_a_gpu(tiny_artifacts, tmp_path):
                       "--out", tmp_path / "o")
     assert rc == 2 and "no CUDA device" in err
     _one_line_error(err)
+
+
+def test_an_edited_manifest_is_refused(copy):
+    """manifest.json is what every other file is checked against: a value changed by hand (still valid JSON,
+    every file still matching) is refused, not run with a wrong configuration."""
+    mp = copy / "manifest.json"
+    d = json.loads(mp.read_text())
+    d["generator"]["num_classes"] = 11
+    mp.write_text(json.dumps(d, indent=2))
+    with pytest.raises(ArtifactError, match="modified after the export wrote it"):
+        Manifest.read(copy)

@@ -15,13 +15,16 @@ Why this design (measured, see tests/test_noise.py and the closing notes of the 
   agreed, against 99.9% with Gumbel-max), which would make precision gates and parity meaningless;
 - so the noise is generated where it is used, by exact integer arithmetic that TensorRT's ONNX parser
   builds from 10.3 on (Add, Mul, Mod on INT32; the onnx-tensorrt operator matrices of 10.1-GA, 10.6,
-  10.15 and 11.1 list all three with INT32) and that ONNX Runtime and PyTorch compute identically:
-  every value stays below 2^31, so nothing overflows and int32 and int64 agree.
+  10.15 and 11.1 list all three with INT32) and that ONNX Runtime and PyTorch compute identically;
+- every intermediate value stays below 2^24, so the arithmetic is exact even where a runtime evaluates
+  int32 operations in float32: OpenVINO's CPU plugin does (measured: with a prime near 2^15, whose squares
+  reach 2^31, none of its values matched; with P = 2039 its integers are exact and the final floats within
+  one ulp), and nothing promises that a GPU kernel will not.
 
-The generator is a 6-round Feistel permutation of Z_P x Z_P (P = 23159, prime; (2P)^2 < 2^31) over the
-counter (t, v), with the round function F(x) = (x + k_r)^2 mod P: distinct (t, v) never share a value, and
-6 rounds pass uniformity and serial-correlation tests along the vocabulary, token and image axes
-(tests/test_noise.py). Floating point comes last: the counter's conversion to u in (0, 1) uses correctly
+The generator is a 6-round Feistel permutation of Z_P x Z_P (P = 2039, prime; P + (2P)^2 < 2^24) over the
+counter (t, v), with the round function F(x) = (x + k_r)^2 mod P: distinct (t, v) never share a value
+(4.2M states, at least 128 tokens x 2039 x ceil(V / 2039) counters), and 6 rounds pass uniformity and
+serial-correlation tests along the vocabulary, token and image axes (tests/test_noise.py). Floating point comes last: the counter's conversion to u in (0, 1) uses correctly
 rounded IEEE operations (int to float, add, multiply, min: the same bits on every backend), then
 g = -log(-log(u)), whose last-bit differences between backends matter as little as those of the logits.
 """
@@ -32,7 +35,7 @@ import numpy as np
 
 __all__ = ["NOISE_KEYS", "NOISE_PRIME", "NOISE_ROUNDS", "noise_keys", "noise_uniforms"]
 
-NOISE_PRIME = 23159
+NOISE_PRIME = 2039
 NOISE_ROUNDS = 6
 NOISE_KEYS = NOISE_ROUNDS + 2  # two whitening keys, then one per round
 UNIFORM_MAX = float(np.float32(1.0) - np.float32(2.0**-24))  # the largest float32 below 1

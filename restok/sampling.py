@@ -101,9 +101,9 @@ def uniform_noise(keys: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> 
     """U(0, 1) float32 [B, n, V] for token indices ``tokens`` [n] of the images keyed by ``keys`` int32
     [B, NOISE_KEYS]: the 6-round Feistel generator of ``restok.noise`` in int32, bit for bit its reference.
 
-    Exported as ONNX Add/Mul/Mod on INT32. Every intermediate stays below 2^31: a round computes
-    (L + (R + k)^2) mod P with L, R, k < P, at most P + 4P^2 < 2^31, the same as (L + ((R + k)^2 mod P)) mod P
-    with one Mod instead of two (Mod is the slow op on a CPU). The first round works on [B, 1, V] and
+    Exported as ONNX Add/Mul/Mod on INT32. Every intermediate stays below 2^24 (exact even in float32): a
+    round computes (L + (R + k)^2) mod P with L, R, k < P, at most P + 4P^2, the same as
+    (L + ((R + k)^2 mod P)) mod P with one Mod instead of two (Mod is the slow op on a CPU). The first round works on [B, 1, V] and
     [B, n, 1] tensors; only the rounds after it touch every (token, vocabulary entry)."""
     P = NOISE_PRIME
     k = keys.to(torch.int32)

@@ -12,7 +12,7 @@ from restok.sampling import uniform_noise
 
 def test_torch_equals_the_reference_bit_for_bit():
     k, t = noise_keys(3, 4), np.arange(128)
-    for V in (5, 1024, 8192, 30000):  # 30000 > P: the vocabulary index spills into the left half
+    for V in (5, 1024, 8192, 16384):  # V > P: the vocabulary index spills into the left half
         ref = noise_uniforms(k, t, V)
         got = uniform_noise(torch.from_numpy(k), torch.from_numpy(t), V).numpy()
         assert got.dtype == np.float32 and np.array_equal(got, ref), V
@@ -92,5 +92,12 @@ def test_capacity_is_checked():
     from restok.noise import check_capacity
 
     check_capacity(128, 8192)
+    check_capacity(128, 16384)
     with pytest.raises(ValueError, match="exceed"):
-        check_capacity(20000, 40000)  # 20000 tokens x 2 vocabulary blocks >= P
+        check_capacity(256, 16384)  # 256 tokens x 9 vocabulary blocks >= P
+
+
+def test_exact_where_int32_runs_in_float32():
+    """Every value the generator computes is below 2^24: the same bits come out of float32 arithmetic."""
+    P = NOISE_PRIME
+    assert P + (2 * P) ** 2 < 2**24 and (P - 1) * P + (P - 1) < 2**24

@@ -22,6 +22,7 @@ BACKENDS = {
     "onnxruntime": "restok.runtime.onnxruntime_backend:OnnxRuntimeBackend",
     "torch": "restok.runtime.torch_backend:TorchBackend",
     "tensorrt": "restok.runtime.tensorrt_backend:TensorRTBackend",
+    "openvino": "restok.runtime.openvino_backend:OpenVINOBackend",
 }
 
 

@@ -62,7 +62,8 @@ def run_bench(folder: str | Path, backends: list[str], batches: list[int] | None
         before = rss_mb()
         t0 = time.perf_counter()
         pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, device=device)
-        info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1)}
+        info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1),
+                      "precision": getattr(pipes[name].backend, "precision", m.precision)}
     try:
         return [_bench_batch(folder, m, pipes, info, b, runs, warmup, threads, sampling, seed, gap) for b in batches]
     finally:

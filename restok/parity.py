@@ -37,8 +37,11 @@ class ParityThresholds:
 
     @classmethod
     def for_backend(cls, backend: str, precision: str) -> "ParityThresholds":
-        """Gated by default: ONNX Runtime fp32 (implementation parity). Everything else is reported (other
-        precisions; TensorRT, whose fp32 may use TF32) unless thresholds are given."""
+        """Gated by default: ONNX Runtime fp32 (implementation parity) and OpenVINO at the CPU quality gate
+        (95% of sampled tokens, decoder PSNR 40 dB: bf16 is not exact). Everything else is reported (other
+        precisions; TensorRT) unless thresholds are given."""
+        if backend == "openvino":
+            return cls(None, 0.95, 40.0)
         return cls() if backend == "onnxruntime" and precision == "fp32" else cls(None, None, None)
 
     def override(self, max_logit_error=None, min_token_agreement=None, min_psnr=None) -> "ParityThresholds":
@@ -79,7 +82,8 @@ def _save_polygraphy(folder: Path, name: str, feeds: dict, outputs: dict) -> dic
 def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int | None = None,
               thresholds: ParityThresholds | None = None, polygraphy_dir: Path | None = None,
               sampling: SamplingParams = SamplingParams(), backend: str = "onnxruntime",
-              device: str = "cpu", manifest: Manifest | None = None, reference: tuple | None = None) -> dict:
+              device: str = "cpu", manifest: Manifest | None = None, reference: tuple | None = None,
+              **backend_options) -> dict:
     """The float32 PyTorch reference (on ``device``; from ``reference`` = (tokenizer, generator) checkpoint
     paths when given, else from what the export recorded) against ``backend`` (onnxruntime or tensorrt)."""
     folder = Path(folder)
@@ -87,7 +91,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     if images < 1:
         raise ValueError(f"--images must be >= 1, got {images}")
     th = thresholds or ParityThresholds.for_backend(backend, m.precision)
-    cand = create_backend(backend, folder, m, threads)
+    cand = create_backend(backend, folder, m, threads, **backend_options)
     m = cand.manifest  # TensorRT < 10.15 runs an in-place export's past/present graph: compare that
     try:
         ref = create_backend("torch", folder, m, threads, device=device, reference=reference)
@@ -98,7 +102,8 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     pg_dir = polygraphy_dir  # None: no Polygraphy files (restok check writes them to ARTIFACTS/polygraphy)
     write_pg = pg_dir is not None and _has_polygraphy()
     batch = min(2, m.max_batch)
-    report: dict = {"artifacts": str(folder), "backend": backend, "precision": m.precision, "max_batch": m.max_batch,
+    report: dict = {"artifacts": str(folder), "backend": backend,
+                    "precision": getattr(cand, "precision", m.precision), "max_batch": m.max_batch,
                     "guided": m.guided, "kv_cache": m.kv_cache, "thresholds": th.__dict__, "steps": []}
     try:
         # 1. teacher-forced, pass by pass: the reference's inputs of every pass, fed to both backends
@@ -173,7 +178,7 @@ def run_check(folder: str | Path, images: int = 16, seed: int = 0, threads: int 
     report["checks"] = [{"name": c[0], "value": c[1], "op": c[2], "threshold": c[3], "passed": bool(c[4])} for c in checks]
     report["passed"] = all(c[4] for c in checks)
     report["summary"] = (
-        f"{'PASS' if report['passed'] else 'FAIL'} ({backend}, {m.precision}, max batch {m.max_batch}): logits max abs "
+        f"{'PASS' if report['passed'] else 'FAIL'} ({backend}, {report['precision']}, max batch {m.max_batch}): logits max abs "
         f"error {max_err:.3g} (logits std {min(s['logits_std'] for s in report['steps']):.3g}), token agreement "
         f"{agreement:.4f} over {images} images ({identical} identical), decoder PSNR {p:.1f} dB"
     )

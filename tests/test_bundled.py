@@ -47,7 +47,8 @@ def test_generated_digits_are_the_requested_class(models):
     assert res["accuracy"] >= 0.96 and res["accuracy"] > real, res
 
 
-@pytest.mark.parametrize("precision,tokens,psnr", [("int8-dynamic", 0.9, 40.0), ("int8", 0.9, 30.0)])
+# measured: int8-dynamic 96.3% / 57 dB (also the CPU gate of 95% / 40 dB), INT8 W8A8 94.0% / 39.6 dB
+@pytest.mark.parametrize("precision,tokens,psnr", [("int8-dynamic", 0.95, 40.0), ("int8", 0.9, 30.0)])
 def test_quantized_bundled_model_passes_the_default_gate(bundled_artifacts, tmp_path, precision, tokens, psnr):
     """The default gate (90% of sampled tokens equal to fp32, decoder PSNR 30 dB) on the trained model, not
     at 0: what restok calibrate gives a user of the bundled model passes it."""

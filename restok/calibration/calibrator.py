@@ -43,6 +43,7 @@ class CalibrationOptions:
     classes: tuple[int, ...] = ()  # default: all classes
     seed: int = 1234
     quantize_head: bool = False
+    quantize_down_proj: bool = False
     quantize_decoder: bool = True
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
@@ -143,7 +144,7 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
             quantize = name == "generator" or (name == "decoder" and opts.quantize_decoder)
             if quantize:
                 plan = plan_graph(model, m.vocab_size if name == "generator" else None, opts.quantize_head,
-                                  opts.exclude_nodes, opts.exclude_ops)
+                                  opts.exclude_nodes, opts.exclude_ops, opts.quantize_down_proj)
                 acts = sorted(set(plan.activations[n] for n in plan.quantize))
                 amax = None if weights_only or dynamic else activation_ranges(
                     model, src / folder, acts, traces[name], threads,

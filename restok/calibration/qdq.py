@@ -41,7 +41,13 @@ def _weight_input(node, inits: dict) -> int | None:
 
 
 def plan_graph(model, vocab_size: int | None = None, quantize_head: bool = False,
-               exclude_nodes: tuple[str, ...] = (), exclude_ops: tuple[str, ...] = ()) -> QuantPlan:
+               exclude_nodes: tuple[str, ...] = (), exclude_ops: tuple[str, ...] = (),
+               quantize_down_proj: bool = False) -> QuantPlan:
+    """Which linear nodes get quantized. ``vocab_size`` marks a generator graph: its LM head (a [dim, vocab]
+    weight) and, unless ``quantize_down_proj``, its SwiGLU down projections (the only [K, N] weights with
+    K > N: their input silu(w1 x) * w3 x has outliers) stay in FP32. Measured on the bundled model (INT8
+    W8A8, 64 gate images): 94.0% of sampled tokens equal to FP32 with the down projections in FP32, 88.7%
+    without (the gate is 90%)."""
     inits = {t.name: t for t in model.graph.initializer}
     plan = QuantPlan()
     for node in model.graph.node:
@@ -58,6 +64,8 @@ def plan_graph(model, vocab_size: int | None = None, quantize_head: bool = False
             plan.excluded[node.name] = "excluded by name"
         elif vocab_size and not quantize_head and len(dims) == 2 and vocab_size in dims and node.op_type != "Conv":
             plan.excluded[node.name] = "LM head (output)"
+        elif vocab_size and not quantize_down_proj and node.op_type == "MatMul" and len(dims) == 2 and dims[0] > dims[1]:
+            plan.excluded[node.name] = "SwiGLU down projection (activation outliers)"
         else:
             plan.quantize.append(node.name)
             plan.activations[node.name] = node.input[0]

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     add_artifacts_arg(p)
     add_model_args(p)
     add_export_args(p)
-    add_runtime_args(p, backends=("onnxruntime", "tensorrt"))
+    add_runtime_args(p, backends=("onnxruntime", "openvino", "tensorrt"))
     p.add_argument("--images", type=positive_int, default=16, help="images for the token-agreement check (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-logit-error", type=finite_float, default=None,
@@ -51,13 +51,16 @@ def run(args) -> int:
         args.checkpoint = args.tokenizer = args.generator = None
     folder = artifacts(args)
     if args.threads is not None and args.backend == "tensorrt":
-        raise CLIError("--threads applies to the onnxruntime backend; the tensorrt backend runs on the GPU")
+        raise CLIError("--threads applies to the CPU backends; the tensorrt backend runs on the GPU")
+    if args.compute_precision is not None and args.backend != "openvino":
+        raise CLIError("--compute-precision applies to the openvino backend")
+    opts = {"compute_precision": args.compute_precision or "auto"} if args.backend == "openvino" else {}
     m = read_manifest(folder, args)
     th = ParityThresholds.for_backend(args.backend, m.precision)
     th = th.override(args.max_logit_error, args.min_token_agreement, args.min_psnr)
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
                        polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else folder / "polygraphy",
-                       backend=args.backend, device=args.device or "cpu", manifest=m, reference=reference)
+                       backend=args.backend, device=args.device or "cpu", manifest=m, reference=reference, **opts)
     write_json(report, args.json)
     print(report["summary"], flush=True, file=__import__("sys").stderr)
     return EXIT_OK if report["passed"] else EXIT_FAILED

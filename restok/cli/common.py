@@ -109,12 +109,18 @@ def add_runtime_args(p: argparse.ArgumentParser, backends: tuple[str, ...] | Non
     from restok.runtime.backend import backend_names
 
     g = p.add_argument_group("runtime")
-    choices = backends or tuple(backend_names())
+    choices = backends or (*backend_names(), "auto")
     g.add_argument("--backend", choices=choices, default="onnxruntime",
-                   help="onnxruntime (default, CPU), tensorrt (GPU; restok build first) or torch (the reference)"
-                   if "torch" in choices else "onnxruntime (default, CPU) or tensorrt (GPU; restok build first)")
+                   help="onnxruntime (default, CPU), openvino (CPU, bf16 where the CPU has it), tensorrt (GPU; "
+                        "restok build first)" + (", torch (the reference)" if "torch" in choices else "")
+                        + (", or auto: the fastest of the CPU backends that passes the quality gate on this machine "
+                           "(measured once, then remembered)" if "auto" in choices else ""))
     g.add_argument("--device", default=None, help="device of the PyTorch reference (cpu, cuda; default cpu)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    if "openvino" in choices:
+        g.add_argument("--compute-precision", choices=("auto", "fp32", "bf16"), default=None,
+                       help="openvino: fp32, or bf16 on CPUs with bf16 units (AVX-512 BF16, AMX); auto: bf16 where "
+                            "the CPU has it (default auto). Gated: restok check --backend openvino")
     add_verify_arg(g)
 
 
@@ -168,7 +174,24 @@ def check_runtime_args(args) -> dict:
         raise CLIError(f"--device applies to the torch backend only (the {args.backend} backend chooses its own device)")
     if args.threads is not None and args.backend == "tensorrt":
         raise CLIError("--threads applies to CPU backends; the tensorrt backend runs on the GPU")
+    cp = getattr(args, "compute_precision", None)
+    if cp is not None and args.backend != "openvino":
+        raise CLIError("--compute-precision applies to the openvino backend")
+    if args.backend == "openvino":
+        return {"compute_precision": cp or "auto"}
     return {"device": args.device or "cpu"} if args.backend == "torch" else {}
+
+
+def resolve_backend(args, folder, manifest) -> tuple[str, dict]:
+    """(backend, options); --backend auto measures the CPU backends once on this machine and says its choice."""
+    opts = check_runtime_args(args)
+    if args.backend != "auto":
+        return args.backend, opts
+    from restok.runtime.autoselect import choose_backend
+
+    choice = choose_backend(folder, manifest, args.threads)
+    print(f"restok: --backend auto chose {choice['label']} ({choice['reason']})", file=sys.stderr)
+    return choice["backend"], choice["options"]
 
 
 def write_json(doc: dict, where: str | None) -> None:

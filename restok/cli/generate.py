@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
-                               add_runtime_args, add_sampling_args, artifacts, check_runtime_args, non_empty_path,
-                               read_manifest, sampling_from, say, write_json)
+                               add_runtime_args, add_sampling_args, artifacts, non_empty_path, read_manifest,
+                               resolve_backend, sampling_from, say, write_json)
 
 SUMMARY = "summary.json"
 RUN_MARK = "restok-generate"
@@ -68,18 +68,19 @@ def run(args) -> int:
     from restok.runtime import Pipeline
 
     sampling = sampling_from(args)
-    opts = check_runtime_args(args)
     out = Path(args.out)
     check_out(out)
     folder = artifacts(args)
-    with Pipeline(folder, backend=args.backend, threads=args.threads, manifest=read_manifest(folder, args), **opts) as pipe:
+    manifest = read_manifest(folder, args)
+    backend, opts = resolve_backend(args, folder, manifest)
+    with Pipeline(folder, backend=backend, threads=args.threads, manifest=manifest, **opts) as pipe:
         m = pipe.manifest
         classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
         bad = [c for c in classes if not 0 <= c < m.num_classes]
         if bad:
             raise CLIError(f"class ids {bad} are outside [0, {m.num_classes}) for this model")
         images, tokens, step_times, t_dec, t_fused, t_in = [], [], np.zeros(m.num_steps), 0.0, 0.0, 0.0
-        with tqdm(total=len(classes), desc=f"generating ({args.backend})", unit="img", file=sys.stderr,
+        with tqdm(total=len(classes), desc=f"generating ({backend})", unit="img", file=sys.stderr,
                   disable=None) as bar:
             for start in range(0, len(classes), m.max_batch):
                 chunk = classes[start : start + m.max_batch]
@@ -102,7 +103,8 @@ def run(args) -> int:
         np.save(buf, np.concatenate(tokens))
         (stage / "tokens.npy").write_bytes(buf.getvalue())
         summary = {
-            "kind": RUN_MARK, "artifacts": str(folder), "backend": args.backend, "precision": m.precision,
+            "kind": RUN_MARK, "artifacts": str(folder), "backend": backend,
+            "precision": getattr(pipe.backend, "precision", m.precision),
             "max_batch": m.max_batch, "num_steps": m.num_steps, "classes": classes, "seed": args.seed,
             "sampling": sampling.to_dict(),
             "seconds": {"steps": None if fused else [round(t, 5) for t in step_times],
@@ -117,5 +119,5 @@ def run(args) -> int:
     if args.json != "-":
         timing = (f"{summary['seconds']['generate']}s generate + decode (one CUDA graph)" if fused else
                   f"{summary['seconds']['generate']}s generate, {summary['seconds']['decode']}s decode")
-        say(args, f"wrote {len(files)} images and {summary['grid']} ({timing}, {args.backend})")
+        say(args, f"wrote {len(files)} images and {summary['grid']} ({timing}, {backend})")
     return EXIT_OK

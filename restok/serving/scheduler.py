@@ -110,7 +110,8 @@ class BatchScheduler:
             if j.cancelled or j.future.done():
                 continue
             if now > j.deadline:
-                j.future.set_exception(DeadlineExceeded("the request's deadline passed before its images started"))
+                j.future.set_exception(DeadlineExceeded("the request's deadline (--request-timeout) passed before its "
+                                                         "images started"))
                 continue
             batch.append(j)
         return batch

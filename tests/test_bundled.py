@@ -4,7 +4,6 @@ generations are the requested digits, and its quantized versions pass the defaul
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import restok

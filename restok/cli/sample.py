@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
                                add_runtime_args, add_sampling_args, artifacts, check_runtime_args, finite_float,
-                               non_empty_path, non_negative_int, positive_int, sampling_from, say, write_json)
+                               non_empty_path, positive_int, sampling_from, say, write_json)
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -8,11 +8,12 @@ also runs as vanilla AR by passing the vanilla schedule.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from restok.configs import config_from_dict
 from restok.models.layers import GPTBlock, KVCache, RMSNorm, find_multiple, rope_1d
 from restok.schedule import HARSchedule, HARStep
 
@@ -64,11 +65,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown generator config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "generator config")
 
 
 class LabelEmbedder(nn.Module):

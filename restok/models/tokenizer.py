@@ -13,12 +13,13 @@ ResnetBlock applies its shortcut conv to the block output, not to its input.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restok.configs import config_from_dict
 from restok.models.layers import GroupNorm, LayerNorm, ViTBlock, no_autocast, rope_2d
 from restok.schedule import level_blocks, pooling_grid
 
@@ -95,11 +96,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenizer config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "tokenizer config")
 
 
 # ----------------------------------------------------------------------------- CNN (MaskGIT VQGAN)

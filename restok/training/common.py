@@ -10,7 +10,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from restok.configs import config_from_dict
 from restok.fileutil import atomic_write_bytes, staged
 
 # substrings of parameter names that get no weight decay (the official rule), besides every tensor with ndim < 2
@@ -70,7 +71,6 @@ def load_config(cls, path: str | os.PathLike | None, overrides: list[str]):
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from e
-    known = {f.name for f in fields(cls)}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -79,10 +79,7 @@ def load_config(cls, path: str | os.PathLike | None, overrides: list[str]):
             d[k] = json.loads(v)
         except json.JSONDecodeError:
             d[k] = v
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------------ process

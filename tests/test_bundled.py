@@ -46,6 +46,23 @@ def test_generated_digits_are_the_requested_class(models):
     assert res["accuracy"] >= 0.96 and res["accuracy"] > real, res
 
 
+def test_pytorch_api_draws_the_runtimes_tokens(models, bundled_artifacts):
+    """restok.generate (the PyTorch model and loop) and the exported runtime share the sampler and the noise:
+    the same seed gives the same tokens, image for image, with guidance, top-k and top-p all on."""
+    from restok.runtime import Pipeline, SamplingParams
+
+    _, gen = models
+    params = SamplingParams(cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, temperature=0.9, top_k=200,
+                            top_p=0.95)
+    labels = [3, 1, 4, 1, 5, 9, 2, 6]
+    ids = restok.generate(gen, labels, cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, temperature=0.9,
+                          top_k=200, top_p=0.95, seed=7, noise_start=8)
+    with Pipeline(bundled_artifacts) as p:
+        got = p.generate(labels, params, seed=7, noise_start=8, decode=False).tokens
+    assert got.shape == tuple(ids.shape)
+    assert (got == ids.numpy()).all(), f"{(got != ids.numpy()).mean():.4f} of the tokens differ"
+
+
 # measured: int8-dynamic 96.3% / 57 dB (also the CPU gate of 95% / 40 dB), INT8 W8A8 94.0% / 39.6 dB
 @pytest.mark.parametrize("precision,tokens,psnr", [("int8-dynamic", 0.95, 40.0), ("int8", 0.9, 30.0)])
 def test_quantized_bundled_model_passes_the_default_gate(bundled_artifacts, tmp_path, precision, tokens, psnr):

@@ -105,6 +105,8 @@ def test_encode_checks_dtype_and_range(tiny_artifacts):
     assert p.encode(x).shape == (2, 128)
     with pytest.raises(ValueError, match="divide uint8 pixels by 255"):
         p.encode((x * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="divide uint8 pixels by 255"):  # in range, but integers: the dtype says
+        p.encode((x > 0.5).astype(np.uint8))
     with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
         p.encode(x * 255)
     with pytest.raises(ValueError, match=r"shape \[1\.\.4, 3, 32, 32\]"):

@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, choices=range(1, len(LABELS) + 1), metavar="1..8")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: all cores)")
+    ap.add_argument("--require", type=float, help="exit 1 unless restok's fastest row is this many times faster "
+                    "than the official code (issue 15 asked 3); every row here passes the quality gate on the "
+                    "bundled model (restok check)")
     ap.add_argument("--json", help="write the result here too")
     a = ap.parse_args()
     if not (a.official / OFFICIAL_CONFIG).exists():
@@ -102,10 +105,14 @@ def main() -> None:
            "paired_speedup_vs_official": {k: float(np.median([o / x for o, x in zip(seconds["official"], v)]))
                                           for k, v in seconds.items()},
            "speedup_vs_restok_fp32": {k: med["restok onnxruntime fp32"] / v for k, v in med.items()}}
+    best = max((k for k in med if k != "official"), key=lambda k: out["speedup_vs_official"][k])
+    out["fastest"] = best
+    out["requirements_met"] = a.require is None or out["speedup_vs_official"][best] >= a.require
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:
         Path(a.json).write_text(text + "\n")
+    sys.exit(0 if out["requirements_met"] else 1)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--overload", action="store_true", help="add the queue-16, double-concurrency run")
+    ap.add_argument("--require", type=float, help="exit 1 unless the paired ratio reaches this (issue 14 asked 3)")
     ap.add_argument("--json", help="write the result here too")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="restok-serving-"))
@@ -108,10 +109,15 @@ def main() -> None:
         out["overload"] = {"status_counts": {"200": res["ok"], **res["errors_by_status"]},
                            "only_200_and_429": set(res["errors_by_status"]) <= {"429"},
                            "ready_after": res["ready_after"]}
+    met = [a.require is None or out["paired_ratio"] >= a.require]
+    if a.overload:
+        met.append(out["overload"]["only_200_and_429"] and out["overload"]["ready_after"])
+    out["requirements_met"] = all(met)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:
         Path(a.json).write_text(text + "\n")
+    sys.exit(0 if out["requirements_met"] else 1)
 
 
 if __name__ == "__main__":

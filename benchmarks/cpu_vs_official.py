@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from report import report
 
 LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 OFFICIAL_CONFIG = "configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml"
@@ -107,12 +107,7 @@ def main() -> None:
            "speedup_vs_restok_fp32": {k: med["restok onnxruntime fp32"] / v for k, v in med.items()}}
     best = max((k for k in med if k != "official"), key=lambda k: out["speedup_vs_official"][k])
     out["fastest"] = best
-    out["requirements_met"] = a.require is None or out["speedup_vs_official"][best] >= a.require
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
-    sys.exit(0 if out["requirements_met"] else 1)
+    report(out, a.json, a.require is None or out["speedup_vs_official"][best] >= a.require)
 
 
 if __name__ == "__main__":

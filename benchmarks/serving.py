@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from report import report
+
 RESTOK = [sys.executable, "-m", "restok"]
 
 
@@ -112,12 +114,7 @@ def main() -> None:
     met = [a.require is None or out["paired_ratio"] >= a.require]
     if a.overload:
         met.append(out["overload"]["only_200_and_429"] and out["overload"]["ready_after"])
-    out["requirements_met"] = all(met)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
-    sys.exit(0 if out["requirements_met"] else 1)
+    report(out, a.json, all(met))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,17 @@ import numpy as np
 import torch
 from report import report
 
+from restok.runtime import Pipeline, SamplingParams
+from restok.schedule import HARSchedule
+
 LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 OFFICIAL_CONFIG = "configs/infer/ResTok/llamagen_l_c2i_restok_l_128.yaml"
 
 
-def official_generate(official: Path, stub: Path, labels: list[int]):
-    """The official tokenizer + GPT-L HAR, random weights, its default ImageNet sampling (CFG 3.75 with the step
-    schedule, top-p 0.95) -> a function that generates and decodes ``labels``."""
+def official_generate(official: Path, stub: Path, labels: list[int], schedule: HARSchedule, sampling: SamplingParams):
+    """The official tokenizer + GPT-L HAR, random weights, run over restok's schedule with restok's sampling
+    settings (the paper's defaults: CFG 3.75 with the step schedule, top-p 0.95) -> a function that generates
+    and decodes ``labels``."""
     sys.path[:0] = [str(official), str(stub)]
     import tv_stub
 
@@ -49,9 +53,11 @@ def official_generate(official: Path, stub: Path, labels: list[int]):
 
     def run():
         with torch.no_grad():
-            ids = gen.generate(condition=cond, num_sample_steps=128, guidance_scale=3.75, guidance_decay="step",
-                               cfg_schedule_kwargs={"window_start": 0.25, "min_cfg_scale": 1.0, "num_steps": 9},
-                               top_p=0.95, randomize_temperature=1.0)
+            ids = gen.generate(condition=cond, num_sample_steps=schedule.num_latent_tokens,
+                               guidance_scale=sampling.cfg_scale, guidance_decay=sampling.cfg_schedule,
+                               cfg_schedule_kwargs={"window_start": sampling.cfg_start, "min_cfg_scale": 1.0,
+                                                    "num_steps": schedule.num_steps},
+                               top_p=sampling.top_p, randomize_temperature=sampling.temperature)
             return tok.decode_tokens(ids.view(ids.shape[0], -1))
     return run
 
@@ -77,16 +83,15 @@ def main() -> None:
         raise SystemExit(f"no tv_stub.py in {a.stub}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from restok.runtime import Pipeline
-
     labels = LABELS[: a.batch]
     pipes = {"restok onnxruntime fp32": Pipeline(a.fp32, threads=a.threads)}
     if a.int8_dynamic:
         pipes["restok onnxruntime int8-dynamic"] = Pipeline(a.int8_dynamic, threads=a.threads)
     if a.openvino:
         pipes["restok openvino bf16"] = Pipeline(a.fp32, "openvino", threads=a.threads, compute_precision="bf16")
-    runs = {"official": official_generate(a.official, a.stub, labels),
-            **{name: (lambda p=p: p.generate(labels, seed=0)) for name, p in pipes.items()}}
+    sampling = SamplingParams()
+    official = official_generate(a.official, a.stub, labels, pipes["restok onnxruntime fp32"].schedule, sampling)
+    runs = {"official": official, **{name: (lambda p=p: p.generate(labels, sampling, seed=0)) for name, p in pipes.items()}}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(a.runs + 1):  # the first round warms up
         for name, fn in runs.items():

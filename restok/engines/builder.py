@@ -56,7 +56,12 @@ class BuildOptions:
             raise ValueError(f"--opt-batch must be in 1..{m.max_batch} (the export's max batch), got {self.opt_batch}")
 
     def batch_for(self, m: Manifest) -> int:
-        return self.opt_batch or min(8, m.max_batch)
+        return opt_batch_for(m, self.opt_batch)
+
+
+def opt_batch_for(m: Manifest, opt_batch: int | None) -> int:
+    """The batch TensorRT tunes kernels for: the one asked, else 8 (a common serving batch) or the max batch."""
+    return opt_batch or min(8, m.max_batch)
 
 
 def import_tensorrt():
@@ -109,7 +114,7 @@ def build_key(m: Manifest, trt_version: str, gpu: dict, opt_batch: int | None = 
         "onnx_sha256": {name: m.files[g.file]["sha256"] for name, g in sorted(engine_graphs(m, True).items())},
         "weights_sha256": {k: m.files[k]["sha256"] for k in sorted(m.weights)},
         "precision": m.precision, "max_batch": m.max_batch, "guided": m.guided, "kv_cache": m.kv_cache,
-        "opt_batch": opt_batch or min(8, m.max_batch),
+        "opt_batch": opt_batch_for(m, opt_batch),
         "tensorrt": trt_version, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
     }
 

@@ -239,7 +239,7 @@ def _calibrate_into(stage, src, out, m, ref, traces, labels, opts, threads, samp
         "precision": opts.precision,
         "method": {"int8-weight-only": "weights only", "int8-dynamic": "dynamic (activation range per call)"}.get(
             opts.precision, "max" if opts.method == "max" else f"percentile {opts.percentile:g}"),
-        "scheme": ("int8 symmetric per-channel weights; uint8 per-tensor activations quantized per call "
+        "scheme": ("symmetric per-channel weights stored as uint8 (zero point 128); uint8 per-tensor activations quantized per call "
                    "(ONNX Runtime DynamicQuantizeMatMul; CPU only, not TensorRT)") if dynamic else
                   "symmetric; per-channel weights; per-tensor activations",
         "samples": len(labels), "classes": sorted(set(labels)), "seed": opts.seed,

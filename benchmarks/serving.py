@@ -4,7 +4,7 @@ free loopback ports, driven by `restok loadtest`, alternated for several rounds 
     restok export --out /tmp/bundled
     python benchmarks/serving.py --artifacts /tmp/bundled --json serving.json
 
-Each round starts a server with --max-batch N (dynamic batching) and one with --max-batch 1, runs the same
+Each round starts a server with --batch-limit N (dynamic batching) and one with --batch-limit 1, runs the same
 load against each (concurrency C, R requests of one image) and stops it with SIGTERM. Reported: medians
 over rounds of images/s and latency percentiles, the paired ratio per round, errors by status, the
 server's batch-size histogram. ``--overload`` adds one run with a small queue (16) and twice the
@@ -46,18 +46,18 @@ def ready(url: str) -> bool:
         return False
 
 
-def serve_and_load(artifacts: str, max_batch: int, max_queue: int, concurrency: int, requests: int,
+def serve_and_load(artifacts: str, batch_limit: int, max_queue: int, concurrency: int, requests: int,
                    out: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out.with_suffix(".log"), "w")
-    server = subprocess.Popen([*RESTOK, "serve", "--artifacts", artifacts, "--port", str(port), "--max-batch",
-                               str(max_batch), "--max-queue", str(max_queue)], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([*RESTOK, "serve", "--artifacts", artifacts, "--port", str(port), "--batch-limit",
+                               str(batch_limit), "--max-queue", str(max_queue)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not ready(url):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server with --max-batch {max_batch} did not become ready: see {log.name}")
+                raise SystemExit(f"server with --batch-limit {batch_limit} did not become ready: see {log.name}")
             time.sleep(0.3)
         subprocess.run([*RESTOK, "loadtest", "--url", url, "--concurrency", str(concurrency), "--requests",
                         str(requests), "--max-seconds", "600", "--json", str(out)], check=True,
@@ -77,7 +77,7 @@ def serve_and_load(artifacts: str, max_batch: int, max_queue: int, concurrency: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", required=True, help="an export folder (restok export --out DIR)")
-    ap.add_argument("--max-batch", type=int, default=16, help="the dynamic-batching server's batch bound")
+    ap.add_argument("--batch-limit", type=int, default=16, help="the dynamic-batching server's batch limit")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
@@ -88,7 +88,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="restok-serving-"))
     runs: dict[str, list[dict]] = {"batched": [], "batch1": []}
     for r in range(a.rounds):
-        for name, mb in (("batched", a.max_batch), ("batch1", 1)):
+        for name, mb in (("batched", a.batch_limit), ("batch1", 1)):
             res = serve_and_load(a.artifacts, mb, 1024, a.concurrency, a.requests, work / f"{name}_{r}.json")
             runs[name].append(res)
             print(f"round {r} {name}: {res['images_per_second']:.1f} images/s, p99 {res['latency_ms']['p99']} ms, "
@@ -106,7 +106,7 @@ def main() -> None:
            "paired_ratio": statistics.median(x["images_per_second"] / y["images_per_second"]
                                              for x, y in zip(runs["batched"], runs["batch1"]))}
     if a.overload:
-        res = serve_and_load(a.artifacts, a.max_batch, 16, 2 * a.concurrency, int(1.5 * a.requests),
+        res = serve_and_load(a.artifacts, a.batch_limit, 16, 2 * a.concurrency, int(1.5 * a.requests),
                              work / "overload.json")
         out["overload"] = {"status_counts": {"200": res["ok"], **res["errors_by_status"]},
                            "only_200_and_429": set(res["errors_by_status"]) <= {"429"},

@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from restok.sampling_params import SamplingParams
 from restok.schedule import HARSchedule, HARStep
 
 __version__ = "0.1.0"
@@ -47,4 +48,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'restok' has no attribute {name!r}")
 
 
-__all__ = ["HARSchedule", "HARStep", "__version__", *_LAZY]
+__all__ = ["HARSchedule", "HARStep", "SamplingParams", "__version__", *_LAZY]

@@ -73,12 +73,18 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def cache_root() -> Path:
+    """The user's restok cache: $RESTOK_CACHE, else ~/.cache/restok (exports of the model options, verified
+    file hashes, --backend auto's measurements, locks)."""
+    return Path(os.environ.get("RESTOK_CACHE") or Path.home() / ".cache" / "restok")
+
+
 def _lock_file(path: Path) -> Path:
     """The lock of ``path``: a file in the user's restok cache named after the path's hash, so no lock file
     litters the user's folders (and none is ever deleted: unlinking a lock file races with its waiters)."""
     import hashlib
 
-    root = Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok")) / "locks"
+    root = cache_root() / "locks"
     root.mkdir(parents=True, exist_ok=True)
     return root / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".lock")
 

@@ -9,9 +9,7 @@ atomically: a folder without one is not an export. Readers refuse a manifest fro
 missing or truncated files and hashes that do not match, with a message that names the file and says
 what to do.
 
-Shape symbols: ``batch`` (images in a run, 1..max_batch), ``rows`` (generator rows: 2 x batch with
-guidance, the unconditional rows last; batch without), ``new`` (positions computed by a pass),
-``past`` (positions cached before it, past/present form) and ``total`` (past + new).
+The graph I/O contract itself (tensor names, roles, dtypes, shape symbols) is ``restok.contract``.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from restok.fileutil import atomic_write_bytes
+from restok.contract import ArtifactError, GraphSpec, rows
+from restok.fileutil import atomic_write_bytes, cache_root
 from restok.schedule import HARSchedule
 
 SCHEMA = "restok-artifacts"
@@ -32,22 +31,7 @@ SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")  # what restok export writes
 QUANTIZED = ("int8", "fp8", "int8-weight-only", "int8-dynamic")  # what restok calibrate writes
-KV_CACHES = ("concat", "inplace")
 DEFAULT_MAX_BATCH = 16
-SYMBOLS = ("batch", "rows", "new", "past", "total")
-
-# roles of graph tensors (TensorSpec.role)
-ROLES = (
-    "tokens",  # generator: ids to embed [rows, new]; decoder: image tokens [batch, N]; encoder output
-    "embed_sources",  # generator: what each new position embeds (HARStep.embed_sources)
-    "positions",  # generator: RoPE positions of the new positions (HARStep.position_ids)
-    "noise_keys",  # generator: each image's keys of the in-graph Gumbel generator (restok.noise)
-    "sampling",  # generator: a per-image sampling parameter (cfg_scale, temperature, top_k, top_p)
-    "kv_past", "kv_present",  # past/present KV cache: present of pass i feeds past of pass i+1
-    "kv_cache", "kv_cache_out",  # fixed-size KV cache updated in place: the output aliases the input
-    "next_tokens", "logits",  # generator outputs
-    "images",  # decoder output, encoder input
-)
 
 # numpy dtype names used in manifests <- ONNX TensorProto element types
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 3: "int8", 6: "int32", 7: "int64", 9: "bool",
@@ -55,18 +39,13 @@ ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 3: "i
 
 __all__ = [
     "ArtifactError",
-    "GraphSpec",
     "Manifest",
-    "TensorSpec",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "np_dtype",
+    "export_files",
     "sha256_file",
 ]
-
-
-class ArtifactError(ValueError):
-    """Artifacts are missing, damaged or from another version; the message says what to rebuild."""
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -83,72 +62,6 @@ def np_dtype(name: str) -> np.dtype:
         return np.dtype(name)
     except TypeError as e:
         raise ArtifactError(f"unknown tensor type {name!r} in the manifest; re-export with this restok") from e
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: ``shape`` holds ints and shape symbols (``SYMBOLS``)."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str  # numpy dtype name: float32, float16, int64
-    role: str = ""
-    feeds: str | None = None  # kv_present: the input of the next pass it becomes
-    aliases: str | None = None  # kv_cache_out: the input whose buffer it updates in place
-
-    def __post_init__(self) -> None:
-        bad = [d for d in self.shape if isinstance(d, str) and d not in SYMBOLS]
-        if bad or (self.role and self.role not in ROLES):
-            raise ArtifactError(f"tensor {self.name}: unknown shape symbol {bad} or role {self.role!r}; re-export")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(x if isinstance(x, str) else int(x) for x in d["shape"]), d["dtype"],
-                   d.get("role", ""), d.get("feeds"), d.get("aliases"))
-
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
-        for k in ("feeds", "aliases"):
-            if getattr(self, k):
-                d[k] = getattr(self, k)
-        return d
-
-    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """The concrete shape for symbol values ``dims``."""
-        return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str  # generator, decoder, encoder
-    file: str  # relative to the export folder
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    opset: int = 0
-
-    @classmethod
-    def from_dict(cls, name: str, d: dict) -> "GraphSpec":
-        return cls(name, d["file"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), int(d.get("opset", 0)))
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "opset": self.opset, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
-
-    def input(self, name: str) -> TensorSpec:
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise KeyError(f"graph {self.name} has no input {name!r}")
-
-    def output(self, name: str) -> TensorSpec:
-        for t in self.outputs:
-            if t.name == name:
-                return t
-        raise KeyError(f"graph {self.name} has no output {name!r}")
-
-    def with_role(self, role: str, outputs: bool = False) -> list[TensorSpec]:
-        return [t for t in (self.outputs if outputs else self.inputs) if t.role == role]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -169,8 +82,7 @@ def _content_sha256(d: dict) -> str:
 
 def _verified_cache_path() -> Path:
     """Hashes of files restok verified, per user (never inside an export, so it cannot travel with it)."""
-    root = Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
-    return root / "verified.json"
+    return cache_root() / "verified.json"
 
 
 def _file_identity(st: os.stat_result) -> list[int]:
@@ -242,8 +154,8 @@ class Manifest:
         return int(self.generator["dim"]) // int(self.generator["n_head"])
 
     def rows(self, batch: int) -> int:
-        """Generator rows for ``batch`` images: doubled when guidance is exported."""
-        return 2 * batch if self.guided else batch
+        """Generator rows for ``batch`` images (``restok.contract.rows``)."""
+        return rows(batch, self.guided)
 
     def kv_cache_view(self, mode: str) -> "Manifest":
         """This export seen with the ``mode`` KV-cache generator graph: itself, or its fallback graph."""
@@ -365,3 +277,12 @@ class Manifest:
                 atomic_write_bytes(cache_path, json.dumps(cache).encode())
             except OSError:
                 pass  # no writable cache: verify again next time
+
+
+def export_files(folder: Path) -> list[str]:
+    """The files an export wrote into ``folder`` (from its manifest); nothing if it has no readable one."""
+    try:
+        m = Manifest.read(folder, verify=False)
+    except (ArtifactError, OSError):
+        return []
+    return [MANIFEST_NAME, *m.files]

@@ -37,7 +37,7 @@ def test_generated_digits_are_the_requested_class(models):
     tok, gen = models
 
     def images(labels):
-        ids = restok.generate(gen, labels, cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_p=0.95, seed=0)
+        ids = restok.generate(gen, labels, seed=0)
         return tok.decode(ids).numpy()
 
     res = generated_class_accuracy(images, 10, per_class=5)
@@ -55,8 +55,7 @@ def test_pytorch_api_draws_the_runtimes_tokens(models, bundled_artifacts):
     params = SamplingParams(cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, temperature=0.9, top_k=200,
                             top_p=0.95)
     labels = [3, 1, 4, 1, 5, 9, 2, 6]
-    ids = restok.generate(gen, labels, cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, temperature=0.9,
-                          top_k=200, top_p=0.95, seed=7, noise_start=8)
+    ids = restok.generate(gen, labels, params, seed=7, noise_start=8)
     with Pipeline(bundled_artifacts) as p:
         got = p.generate(labels, params, seed=7, noise_start=8, decode=False).tokens
     assert got.shape == tuple(ids.shape)

@@ -118,8 +118,8 @@ def test_calibration_needs_fp32(tiny_artifacts_fp16, tmp_path):
 def test_int8_dynamic_for_onnxruntime(tiny_artifacts, tmp_path):
     """The CPU path: linear layers become DynamicQuantizeMatMul (int8 weights, per-call activation ranges);
     the LM head and the attention BMMs stay FP32; TensorRT refuses the artifacts with what to do instead."""
-    from restok.engines.builder import EngineError, tensorrt_manifest
-    from restok.engines.lint import lint_artifacts
+    from restok.tensorrt.builder import EngineError, tensorrt_manifest
+    from restok.tensorrt.lint import lint_artifacts
 
     out = tmp_path / "dyn"
     r = calibrate(tiny_artifacts, out, CalibrationOptions(precision="int8-dynamic", **PERMISSIVE), threads=1)

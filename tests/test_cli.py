@@ -97,7 +97,7 @@ def test_cache_exports_once(tiny_artifacts, tmp_path, monkeypatch):
     """Without --artifacts the model is exported into the cache once, then reused."""
     import shutil
 
-    import restok.export as export
+    import restok.export.cache as cache
     from restok.cli.common import artifacts
 
     monkeypatch.setenv("RESTOK_CACHE", str(tmp_path / "cache"))
@@ -107,7 +107,7 @@ def test_cache_exports_once(tiny_artifacts, tmp_path, monkeypatch):
         calls.append(out)
         shutil.copytree(tiny_artifacts, out)
 
-    monkeypatch.setattr(export, "export_artifacts", fake_export)
+    monkeypatch.setattr(cache, "export_artifacts", fake_export)
     args = build_parser().parse_args(["generate", "--preset", "tiny", "--max-batch", "4", "--out", str(tmp_path / "o")])
     a, b = artifacts(args), artifacts(args)
     assert a == b and len(calls) == 1 and str(a).startswith(str(tmp_path / "cache"))

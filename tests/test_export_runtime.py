@@ -13,7 +13,7 @@ import pytest
 
 from restok.manifest import ArtifactError, Manifest
 from restok.models.presets import build_generator
-from restok.parity import run_check
+from restok.measure.parity import run_check
 from restok.runtime import Pipeline, SamplingParams
 from restok.runtime.plan import BindingPlan
 from restok.schedule import HARSchedule
@@ -195,9 +195,7 @@ def test_bad_labels_and_batch(tiny_artifacts):
     p = Pipeline(tiny_artifacts)
     with pytest.raises(ValueError, match=r"class ids \[10\] are outside \[0, 10\)"):
         p.generate([1, 10])
-    with pytest.raises(ValueError, match=r"1\.\.4 class labels.*--max-batch"):
-        p.generate([1, 2, 3, 4, 5])
-    with pytest.raises(ValueError, match="1..4"):
+    with pytest.raises(ValueError, match="non-empty"):
         p.generate([])
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import restok
+from restok import SamplingParams
 from restok.noise import noise_keys
 from restok.sampling import gumbel_noise, sample_tokens, top_k_filter, top_p_filter
 
@@ -108,23 +109,22 @@ def test_cfg_mix_is_official_formula():
 
 def test_same_seed_same_tokens_and_batching_invariance(tiny_generator):
     gen = tiny_generator
-    kw = dict(cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_p=0.95)
-    a = restok.generate(gen, [1, 2, 3], seed=11, **kw)
-    b = restok.generate(gen, [1, 2, 3], seed=11, **kw)
-    c = restok.generate(gen, [1, 2, 3], seed=12, **kw)
+    a = restok.generate(gen, [1, 2, 3], seed=11)
+    b = restok.generate(gen, [1, 2, 3], seed=11)
+    c = restok.generate(gen, [1, 2, 3], seed=12)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.int64 and a.shape == (3, 128)
     # image 2 alone, with the stream of image 2 of the run, gives the same tokens
-    solo = restok.generate(gen, [3], seed=11, noise_start=2, **kw)
+    solo = restok.generate(gen, [3], seed=11, noise_start=2)
     assert torch.equal(solo[0], a[2])
-    explicit = restok.generate(gen, [3], keys=noise_keys(11, 1, start=2), **kw)
+    explicit = restok.generate(gen, [3], keys=noise_keys(11, 1, start=2))
     assert torch.equal(explicit[0], a[2])
 
 
 def test_guidance_changes_tokens(tiny_generator):
     gen = tiny_generator
-    a = restok.generate(gen, [4], seed=1, cfg_scale=1.0)
-    b = restok.generate(gen, [4], seed=1, cfg_scale=4.0)
+    a = restok.generate(gen, [4], SamplingParams(cfg_scale=1.0), seed=1)
+    b = restok.generate(gen, [4], SamplingParams(cfg_scale=4.0), seed=1)
     assert not torch.equal(a, b)
 
 
@@ -133,7 +133,7 @@ def test_guidance_changes_tokens(tiny_generator):
     [
         (dict(labels=[10]), r"class labels must lie in \[0, 10\)"),
         (dict(labels=[-1]), "class labels"),
-        (dict(labels=[1], cfg_schedule="sigmoid"), "unknown cfg schedule"),
+        (dict(labels=[1], cfg_schedule="sigmoid"), "cfg_schedule must be one of"),
         (dict(labels=[1], top_p=1.5), "top_p"),
         (dict(labels=[1], top_k=-2), "top_k"),
         (dict(labels=[1], mode="fast"), "mode"),
@@ -146,8 +146,9 @@ def test_guidance_changes_tokens(tiny_generator):
 )
 def test_bad_generate_input(tiny_generator, kwargs, match):
     labels = kwargs.pop("labels")
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in {s.name for s in SamplingParams.settings()}}
     with pytest.raises(ValueError, match=match):
-        restok.generate(tiny_generator, labels, **kwargs)
+        restok.generate(tiny_generator, labels, SamplingParams(**settings), **kwargs)
 
 
 def test_bad_teacher_forcing_input(tiny_generator):

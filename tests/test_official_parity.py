@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import restok
+from restok import SamplingParams
 from restok.models import GeneratorConfig, HARGenerator, ResTok, TokenizerConfig
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -76,8 +77,8 @@ def test_teacher_forced_logits(gen_golden):
 
 def test_cached_steps_and_greedy_tokens(gen_golden):
     gen, g = gen_golden
-    ids, steps = restok.generate(gen, g["labels"], cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25,
-                                 top_k=1, seed=0, return_step_logits=True)
+    ids, steps = restok.generate(gen, g["labels"], SamplingParams(**OFFICIAL_SAMPLING), seed=0,
+                                 return_step_logits=True)
     assert len(steps) == 9
     for i, s in enumerate(steps):
         ref = g[f"har_step{i}_logits"]
@@ -88,8 +89,8 @@ def test_cached_steps_and_greedy_tokens(gen_golden):
 
 def test_vanilla_mode(gen_golden):
     gen, g = gen_golden
-    ids, steps = restok.generate(gen, g["labels"], cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25,
-                                 top_k=1, seed=0, mode="vanilla", return_step_logits=True)
+    ids, steps = restok.generate(gen, g["labels"], SamplingParams(**OFFICIAL_SAMPLING), seed=0,
+                                 mode="vanilla", return_step_logits=True)
     assert len(steps) == 128
     assert (torch.cat(steps, dim=1) - g["vanilla_logits"]).abs().max().item() <= 1e-4
     assert torch.equal(ids, g["vanilla_tokens"])

@@ -41,7 +41,7 @@ def test_ray_serve_replicas_answer_like_generate(ray_instance, tiny_artifacts, t
 
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(ServeConfig(str(tiny_artifacts), max_batch=4), replicas=2), name="restok", route_prefix="/")
+    serve.run(build(ServeConfig(str(tiny_artifacts), batch_limit=4), replicas=2), name="restok", route_prefix="/")
     try:
         status = serve.status().applications["restok"].deployments["restok"]
         assert sum(status.replica_states.values()) == 2 and status.replica_states.get("RUNNING") == 2

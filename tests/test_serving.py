@@ -72,7 +72,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_artifacts):
-    s = Server(tiny_artifacts, "--max-batch", "4", "--max-wait-ms", "30", "--max-queue", "12")
+    s = Server(tiny_artifacts, "--batch-limit", "4", "--max-wait-ms", "30", "--max-queue", "12")
     yield s
     s.stop()
 
@@ -142,7 +142,7 @@ def test_models_and_metrics(server):
 
 
 def test_deadline_and_disconnect(tiny_artifacts):
-    s = Server(tiny_artifacts, "--max-batch", "1", "--request-timeout", "0.3", key=None)
+    s = Server(tiny_artifacts, "--batch-limit", "1", "--request-timeout", "0.3", key=None)
     try:
         r = s.post({"class_labels": list(range(10)), "n": 2, "response_format": "tokens"})
         assert r.status_code == 504 and "--request-timeout" in r.text
@@ -158,7 +158,7 @@ def test_deadline_and_disconnect(tiny_artifacts):
 
 
 def test_sigterm_drains(tiny_artifacts):
-    s = Server(tiny_artifacts, "--max-batch", "2", key=None)
+    s = Server(tiny_artifacts, "--batch-limit", "2", key=None)
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(s.post, {"class_labels": list(range(10)), "n": 3, "response_format": "tokens"})
         time.sleep(0.3)
@@ -184,7 +184,7 @@ def test_a_failing_backend_fails_its_requests_only(tiny_artifacts):
                 raise RuntimeError("device lost")
             return super()._run_batch(jobs)
 
-    cfg = ServeConfig(str(tiny_artifacts), max_batch=1, warmup=False)
+    cfg = ServeConfig(str(tiny_artifacts), batch_limit=1, warmup=False)
     with TestClient(create_app(cfg, Flaky(cfg))) as client:
         bad = client.post("/v1/images/generations", json={"class_labels": [9]})
         assert bad.status_code == 500 and "device lost" in bad.text

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from restok.engines.builder import BUILD_INFO, EngineError, build_key, check_engines, engine_dir, generator_profiles
-from restok.engines.lint import lint_artifacts, lint_model
+from restok.tensorrt.builder import BUILD_INFO, EngineError, build_key, check_engines, engine_dir, generator_profiles
+from restok.tensorrt.lint import lint_artifacts, lint_model
 from restok.manifest import Manifest
 
 GPU = {"name": "NVIDIA H200", "compute_capability": "9.0"}
@@ -21,7 +21,7 @@ def _has_trt_gpu() -> str | None:
     except ImportError:
         return "TensorRT is not installed (GPU machines only)"
     try:
-        from restok.engines.builder import gpu_identity
+        from restok.tensorrt.builder import gpu_identity
 
         gpu_identity()
     except Exception as e:  # no driver, no device
@@ -168,8 +168,8 @@ def test_cli_without_tensorrt(tiny_artifacts, tmp_path, capsys):
 
 @pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
 def test_tensorrt_engines_match_the_reference(tiny_artifacts_fp16):
-    from restok.engines.builder import BuildOptions, build_engines
-    from restok.parity import run_check
+    from restok.tensorrt.builder import BuildOptions, build_engines
+    from restok.measure.parity import run_check
 
     build_engines(tiny_artifacts_fp16, BuildOptions(encoder=True))
     r = run_check(tiny_artifacts_fp16, images=4, backend="tensorrt", device="cuda")
@@ -180,7 +180,7 @@ def test_tensorrt_engines_match_the_reference(tiny_artifacts_fp16):
 def test_tensorrt_version_gates(tiny_artifacts, tiny_artifacts_inplace):
     import dataclasses
 
-    from restok.engines.builder import tensorrt_manifest
+    from restok.tensorrt.builder import tensorrt_manifest
 
     inplace = Manifest.read(tiny_artifacts_inplace)
     assert tensorrt_manifest(inplace, "10.15.1") is inplace

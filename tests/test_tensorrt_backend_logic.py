@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fake_device import FakeCudart, fake_tensorrt
-from restok.engines.builder import BUILD_INFO, batch_profile, build_key, engine_dir, generator_profiles
+from restok.tensorrt.builder import BUILD_INFO, batch_profile, build_key, engine_dir, generator_profiles
 from restok.manifest import ArtifactError, Manifest
 from restok.runtime import Pipeline, SamplingParams
 
@@ -22,8 +22,8 @@ GPU = {"name": "Simulated", "compute_capability": "0.0"}
 @pytest.fixture
 def device(monkeypatch):
     """Install the simulated device: returns a function that makes fake engines for an export."""
-    import restok.engines.builder as builder
-    import restok.runtime.tensorrt_backend as trt_backend
+    import restok.tensorrt.builder as builder
+    import restok.tensorrt.backend as trt_backend
 
     state = {"cudart": FakeCudart()}
     monkeypatch.setattr(trt_backend, "_cudart", lambda: state["cudart"])
@@ -88,7 +88,7 @@ def test_runs_match_onnxruntime(art, device):
 
 
 def test_parity_check_on_the_simulated_device(art, device):
-    from restok.parity import run_check
+    from restok.measure.parity import run_check
 
     install, make_engines = device
     install()
@@ -111,7 +111,7 @@ def test_inplace_cache_and_aliasing(tiny_artifacts_inplace, tmp_path, device):
     assert np.array_equal(p.generate([1, 2], seed=3).tokens, a.tokens)  # stale cache slots stay masked
     p.close()
     make_engines(art, m, aliases={"cache_key_out_0": "cache_value_0"})
-    from restok.runtime.tensorrt_backend import CudaError
+    from restok.tensorrt.backend import CudaError
 
     with pytest.raises(CudaError, match="did not alias cache_key_out_0 to cache_key_0"):
         Pipeline(art, "tensorrt")

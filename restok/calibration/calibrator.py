@@ -26,7 +26,8 @@ import numpy as np
 from restok.calibration.qdq import insert_dynamic, insert_qdq, plan_graph
 from restok.fileutil import Discard, staged
 from restok.images import psnr
-from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest
+from restok.manifest import MANIFEST_NAME, QUANTIZED, ArtifactError, Manifest, export_files
+from restok.onnx_weights import WeightsFile
 from restok.runtime.pipeline import Pipeline
 from restok.sampling_params import SamplingParams
 
@@ -74,14 +75,11 @@ def _labels(classes, n: int, num_classes: int) -> list[int]:
 
 
 def collect_traces(pipe: Pipeline, labels: list[int], sampling: SamplingParams, seed: int) -> dict[str, list[dict]]:
-    """{graph name: [feeds, ...]}: every pass's generator inputs and the decoder's input tokens over
-    generations of ``labels`` (in runs of up to max_batch images)."""
-    m = pipe.manifest
+    """{graph name: [feeds, ...]}: every pass's generator inputs (per run) and the decoder's input tokens
+    over generations of ``labels``."""
     traces: dict[str, list[dict]] = {"generator": [], "decoder": []}
-    for start in range(0, len(labels), m.max_batch):
-        chunk = labels[start : start + m.max_batch]
-        g = pipe.generate(chunk, sampling, seed=seed, noise_start=start, decode=False,
-                          on_step=lambda i, be: traces["generator"].append(be.pass_feeds(i)))
+    for g in pipe.runs(labels, sampling, seed=seed, decode=False,
+                       on_step=lambda i, be: traces["generator"].append(be.pass_feeds(i))):
         traces["decoder"].append({"tokens": g.tokens})
     return traces
 
@@ -129,8 +127,6 @@ def _quantize_folder(src: Path, dst: Path, m: Manifest, folder: str, names: list
     """Q/DQ versions of ``names`` (others copied as they are) into dst/folder with one new weights.bin."""
     import onnx
 
-    from restok.export.exporter import WeightsFile
-
     kind = "fp8" if opts.precision == "fp8" else "int8"
     weights_only = opts.precision == "int8-weight-only"
     dynamic = opts.precision == "int8-dynamic"
@@ -174,16 +170,10 @@ def quality_report(ref: Pipeline, cand: Pipeline, images: int, seed: int, sampli
         b = cand.backend.run_graph("generator", f)["logits"]
         step_err.append({"step": i, "logits_max_abs_error": float(np.abs(a - b).max()),
                          "logits_mean_abs_error": float(np.abs(a - b).mean()), "logits_std": float(a.std())})
-    agree = total = 0
-    p_all = []
-    for start in range(0, images, m.max_batch):
-        chunk = labels[start : start + m.max_batch]
-        ga = ref.generate(chunk, sampling, seed=seed, noise_start=start)
-        gb = cand.generate(chunk, sampling, seed=seed, noise_start=start, decode=False)
-        agree += int((ga.tokens == gb.tokens).sum())
-        total += ga.tokens.size
-        dec_b = cand.decode(ga.tokens)  # the same tokens through the candidate decoder
-        p_all.extend(psnr(ga.images, dec_b, clip=True, per_image=True).tolist())
+    ga = ref.generate(labels, sampling, seed=seed)
+    gb = cand.generate(labels, sampling, seed=seed, decode=False)
+    p_all = psnr(ga.images, cand.decode(ga.tokens), clip=True, per_image=True)  # the same tokens, candidate decoder
+    agree, total = int((ga.tokens == gb.tokens).sum()), ga.tokens.size
     return {"images": images, "token_agreement": agree / total, "decoder_psnr_db": float(np.mean(p_all)),
             "decoder_psnr_min_db": float(np.min(p_all)), "steps": step_err}
 
@@ -199,8 +189,6 @@ def calibrate(artifacts: str | Path, out: str | Path, opts: CalibrationOptions, 
         raise ArtifactError(f"{out} exists and is not a restok export; refusing to overwrite it")
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --artifacts")
-    from restok.export.exporter import export_files
-
     ref = Pipeline(src, "onnxruntime", threads=threads, manifest=m)
     labels = _labels(opts.classes, opts.samples, m.num_classes)
     dynamic = opts.precision == "int8-dynamic"

@@ -50,9 +50,9 @@ def _os_message(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from restok.engines.builder import EngineError
+    from restok.tensorrt.builder import EngineError
     from restok.manifest import ArtifactError
-    from restok.runtime.tensorrt_backend import CudaError
+    from restok.tensorrt.backend import CudaError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from restok.bench import format_table, run_bench
+    from restok.measure.bench import format_table, run_bench
     from restok.runtime.backend import backend_names
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from restok.engines.builder import BuildOptions, build_engines
+    from restok.tensorrt.builder import BuildOptions, build_engines
     from restok.manifest import QUANTIZED, Manifest
 
     m = Manifest.read(args.artifacts)

@@ -61,6 +61,11 @@ def run(args) -> int:
     )
     check_writable(args.out)
     report = calibrate(args.artifacts, args.out, opts, threads=args.threads)
+    if report["passed"] and args.precision != "int8-dynamic":  # int8-dynamic is for ONNX Runtime only
+        from restok.tensorrt.lint import tensorrt_line, tensorrt_summary
+
+        report["tensorrt"] = tensorrt_summary(args.out)
+        print(tensorrt_line(report["tensorrt"]), file=sys.stderr)
     write_json(report, args.json)
     q = report["quality"]
     verdict = "PASS" if report["passed"] else "FAIL (nothing written)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from restok.cli.common import (EXIT_FAILED, EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg,
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from restok.parity import ParityThresholds, run_check
+    from restok.measure.parity import ParityThresholds, run_check
 
     reference = None
     if args.artifacts and (args.checkpoint or args.tokenizer or args.generator):
@@ -61,6 +62,10 @@ def run(args) -> int:
     report = run_check(folder, images=args.images, seed=args.seed, threads=args.threads, thresholds=th,
                        polygraphy_dir=Path(args.polygraphy_dir) if args.polygraphy_dir else folder / "polygraphy",
                        backend=args.backend, device=args.device or "cpu", manifest=m, reference=reference, **opts)
+    from restok.tensorrt.lint import tensorrt_line, tensorrt_summary
+
+    report["tensorrt"] = tensorrt_summary(folder)  # reported; TensorRT itself is checked with --backend tensorrt
     write_json(report, args.json)
-    print(report["summary"], flush=True, file=__import__("sys").stderr)
+    print(report["summary"], flush=True, file=sys.stderr)
+    print(tensorrt_line(report["tensorrt"]), flush=True, file=sys.stderr)
     return EXIT_OK if report["passed"] else EXIT_FAILED

@@ -4,11 +4,8 @@ resolution, the per-user export cache, JSON output."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED, EXIT_BUG = 0, 1, 2, 3, 130, 70
@@ -41,6 +38,16 @@ def _int_at_least(low: int):
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        v = _int_at_least(low)(text)
+        if v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {v}")
+        return v
+
+    return parse
 
 
 def finite_float(text: str) -> float:
@@ -77,7 +84,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    from restok.manifest import DEFAULT_MAX_BATCH, KV_CACHES, PRECISIONS
+    from restok.contract import KV_CACHES
+    from restok.manifest import DEFAULT_MAX_BATCH, PRECISIONS
 
     e = p.add_argument_group("export")
     e.add_argument("--precision", choices=PRECISIONS, default=None, help="graph precision (default fp32)")
@@ -141,19 +149,17 @@ def read_manifest(folder, args):
 
 
 def add_sampling_args(p: argparse.ArgumentParser, classes: bool = True) -> None:
-    from restok.schedule import CFG_SCHEDULES
+    """The sampling group: --seed, then one flag per SamplingParams setting (its default, help and bounds)."""
+    from restok.sampling_params import SEED_LIMIT, SamplingParams
 
     g = p.add_argument_group("sampling (defaults: the paper's gFID 2.34 settings)")
     if classes:
         g.add_argument("--classes", type=non_negative_int, nargs="+", help="class ids, one image each (default: 0..7 or fewer)")
-    g.add_argument("--seed", type=non_negative_int, default=0,
-                   help="random seed; the same seed gives the same images on every backend and batch size")
-    g.add_argument("--cfg-scale", type=finite_float, default=3.75, help="classifier-free guidance scale; <= 1 disables (default 3.75)")
-    g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="step", help="guidance schedule over the passes (default step)")
-    g.add_argument("--cfg-start", type=finite_float, default=0.25, help="progress where the 'step' schedule turns guidance on (default 0.25)")
-    g.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature (default 1.0)")
-    g.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens; 0 disables (default)")
-    g.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
+    g.add_argument("--seed", type=_int_in(0, SEED_LIMIT - 1), default=0,
+                   help="random seed; the same seed gives the same images on every backend and batch size (default 0)")
+    for s in SamplingParams.settings():
+        g.add_argument(s.flag, type=s.parse, default=s.default, metavar=s.name.upper() if not s.choices else None,
+                       choices=s.choices, help=f"{s.help} ({'' if s.choices else s.describe_range() + '; '}default {s.default})")
 
 
 def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
@@ -162,10 +168,10 @@ def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
 
 
 def sampling_from(args):
+    """The SamplingParams of the sampling group's flags."""
     from restok.sampling_params import SamplingParams
 
-    return SamplingParams(args.cfg_scale, args.cfg_schedule, args.cfg_start, args.temperature, args.top_k,
-                          args.top_p).validate()
+    return SamplingParams(**{s.name: getattr(args, s.name) for s in SamplingParams.settings()})
 
 
 def check_runtime_args(args) -> dict:
@@ -270,10 +276,6 @@ def export_options(args):
                          kv_cache=args.kv_cache or "concat", concat_fallback=not args.no_concat_fallback)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RESTOK_CACHE", Path.home() / ".cache" / "restok"))
-
-
 def given_flags(args, names) -> list[str]:
     out = []
     for o in names:
@@ -291,23 +293,7 @@ def artifacts(args) -> Path:
         if given:
             raise CLIError(f"--artifacts already fixes the model and export options; drop {', '.join(given)}")
         return Path(args.artifacts)
-    import restok
-    from restok.export import export_artifacts, state_dict_sha256
-    from restok.fileutil import locked
-    from restok.manifest import ArtifactError, Manifest
+    from restok.export.cache import cached_export
 
     tok, gen, source = resolve_models(args)
-    opts = export_options(args)
-    opts.validate()
-    key = json.dumps({"v": restok.__version__, "tok": state_dict_sha256(tok), "gen": state_dict_sha256(gen),
-                      "opts": asdict(opts)}, sort_keys=True)
-    folder = cache_root() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:20]
-    with locked(folder.with_name(folder.name + ".export")):  # not locked(folder): staged() takes that one
-        try:
-            Manifest.read(folder)
-            return folder
-        except ArtifactError:
-            pass
-        print(f"restok: exporting the model into {folder} (once)", file=sys.stderr)
-        export_artifacts(tok, gen, folder, opts, source=source)
-    return folder
+    return cached_export(tok, gen, export_options(args), source)

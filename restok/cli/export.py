@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from restok.export import export_artifacts
     from restok.fileutil import check_writable
+    from restok.tensorrt.lint import tensorrt_line, tensorrt_summary
 
     opts = export_options(args)
     opts.validate()
@@ -37,10 +38,10 @@ def run(args) -> int:
     summary = {
         "out": str(Path(args.out).resolve()), "precision": m.precision, "max_batch": m.max_batch, "guided": m.guided,
         "kv_cache": m.kv_cache, "opset": m.opset, "graphs": sorted(m.graphs), "seconds": round(time.perf_counter() - t0, 2),
-        "bytes": sum(f["bytes"] for f in m.files.values()),
+        "bytes": sum(f["bytes"] for f in m.files.values()), "tensorrt": tensorrt_summary(args.out),
     }
     write_json(summary, args.json)
     if args.json != "-":
         say(args, f"exported {len(m.graphs)} graphs ({summary['bytes'] / 2**20:.1f} MiB, {m.precision}, batches "
-                  f"1..{m.max_batch}) to {summary['out']} in {summary['seconds']}s")
+                  f"1..{m.max_batch}) to {summary['out']} in {summary['seconds']}s; {tensorrt_line(summary['tensorrt'])}")
     return EXIT_OK

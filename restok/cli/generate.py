@@ -1,4 +1,4 @@
-"""``restok generate``: class-conditional images from an export, in runs of up to the export's max batch."""
+"""``restok generate``: class-conditional images from an export (the runtime splits them into runs)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def run(args) -> int:
     backend, opts = resolve_backend(args, folder, manifest)
     with Pipeline(folder, backend=backend, threads=args.threads, manifest=manifest, **opts) as pipe:
         m = pipe.manifest
+        precision = getattr(pipe.backend, "precision", m.precision)
         classes = args.classes if args.classes is not None else list(range(min(m.num_classes, 8)))
         bad = [c for c in classes if not 0 <= c < m.num_classes]
         if bad:
@@ -82,9 +83,7 @@ def run(args) -> int:
         images, tokens, step_times, t_dec, t_fused, t_in = [], [], np.zeros(m.num_steps), 0.0, 0.0, 0.0
         with tqdm(total=len(classes), desc=f"generating ({backend})", unit="img", file=sys.stderr,
                   disable=None) as bar:
-            for start in range(0, len(classes), m.max_batch):
-                chunk = classes[start : start + m.max_batch]
-                g = pipe.generate(chunk, sampling, seed=args.seed, noise_start=start)
+            for g in pipe.runs(classes, sampling, seed=args.seed):
                 if g.step_seconds:
                     step_times += g.step_seconds
                 t_dec += g.decode_seconds
@@ -92,7 +91,7 @@ def run(args) -> int:
                 t_in += g.input_seconds
                 images.append(to_uint8(g.images))
                 tokens.append(g.tokens)
-                bar.update(len(chunk))
+                bar.update(len(g.tokens))
     images = np.concatenate(images)
     fused = t_fused > 0
     total = t_fused if fused else float(step_times.sum()) + t_dec
@@ -104,7 +103,7 @@ def run(args) -> int:
         (stage / "tokens.npy").write_bytes(buf.getvalue())
         summary = {
             "kind": RUN_MARK, "artifacts": str(folder), "backend": backend,
-            "precision": getattr(pipe.backend, "precision", m.precision),
+            "precision": precision,
             "max_batch": m.max_batch, "num_steps": m.num_steps, "classes": classes, "seed": args.seed,
             "sampling": sampling.to_dict(),
             "seconds": {"steps": None if fused else [round(t, 5) for t in step_times],

@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from restok.serving.sampling_job import SampleJob, assemble, prepare, run_local, run_ray
+    from restok.jobs.sample import SampleJob, assemble, prepare, run_local, run_ray
 
     if args.ray and args.shard != (0, 1):
         raise CLIError("--shard splits a job between schedulers; --ray distributes it itself: use one of them")

@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP server with dynamic batching (OpenAI-style routes, /metrics, /health)",
                        description="Serve an export over HTTP: POST /v1/images/generations, GET /v1/models, "
                                    "/health/live, /health/ready, /metrics (Prometheus). Images from concurrent "
-                                   "requests share runs of up to --max-batch (with --artifacts: at most the "
-                                   "export's; default it); an image is byte-identical to what "
+                                   "requests share runs of up to --batch-limit images (default: the export's max "
+                                   "batch, which --max-batch sets when exporting); an image is byte-identical to what "
                                    "restok generate writes for the same seed and index. Without artifacts options "
                                    "it serves the bundled model. SIGTERM stops readiness, finishes queued and "
                                    "running work, then exits. Needs pip install 'restok[serve]' ('restok[ray]' "
@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=non_negative_int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--batch-limit", type=positive_int, default=None, metavar="N",
+                   help="most images in one run (default and upper bound: the export's max batch)")
     s.add_argument("--max-wait-ms", type=finite_float, default=10.0,
                    help="how long the first queued image waits for others to join its run (default 10)")
     s.add_argument("--max-queue", type=positive_int, default=256,
@@ -49,12 +51,9 @@ def config_from(args):
     from restok.serving.app import ServeConfig
 
     opts = check_runtime_args(args)
-    run_max = args.max_batch  # with --artifacts: the largest run (<= the export's); else also the export's
-    if args.artifacts:
-        args.max_batch = None
     folder = artifacts(args)
     return ServeConfig(str(folder), backend=args.backend, threads=args.threads, backend_options=opts,
-                       max_batch=run_max, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                       batch_limit=args.batch_limit, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                        request_timeout=args.request_timeout,
                        api_key=args.api_key or os.environ.get("RESTOK_API_KEY") or None, verify=not args.no_verify)
 

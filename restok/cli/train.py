@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
                                add_sampling_args, artifacts, non_empty_path, positive_int, say, sampling_from,
                                write_json)
@@ -110,11 +108,7 @@ def run_evaluate(args) -> int:
             m = pipe.manifest
 
             def images(labels):
-                out = []
-                for start in range(0, len(labels), m.max_batch):
-                    chunk = labels[start : start + m.max_batch]
-                    out.append(pipe.generate(chunk, sampling, seed=args.seed, noise_start=start).images)
-                return np.concatenate(out)
+                return pipe.generate(labels, sampling, seed=args.seed).images
 
             res = generated_class_accuracy(images, m.num_classes, args.per_class)
     write_json(res, args.json)

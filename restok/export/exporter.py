@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import hashlib
 import io
 import logging
 import os
@@ -28,16 +27,16 @@ import torch
 import restok
 from restok.export.modules import DecoderGraph, EncoderGraph, GeneratorGraph
 from restok.fileutil import staged
-from restok.manifest import (DEFAULT_MAX_BATCH, KV_CACHES, MANIFEST_NAME, ONNX_DTYPES, PRECISIONS, ArtifactError,
-                             GraphSpec, Manifest, TensorSpec)
+from restok.onnx_weights import WeightsFile
+from restok.contract import KV_CACHES, GraphSpec, TensorSpec
+from restok.manifest import (DEFAULT_MAX_BATCH, MANIFEST_NAME, ONNX_DTYPES, PRECISIONS, ArtifactError, Manifest,
+                             export_files)
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 
 DEFAULT_OPSET = 20
 INPLACE_OPSET = 24  # ONNX TensorScatter
 FALLBACK_OPSET = 20  # the past/present fallback of an inplace export and its tokenizer graphs: every TensorRT 10.x
-ALIGN = 4096  # external-data offsets, so the weights file can be memory-mapped
-MIN_EXTERNAL_BYTES = 1024
 
 
 @dataclass
@@ -142,64 +141,6 @@ def check_signature(model, specs: tuple[TensorSpec, ...], outputs: bool, where: 
                                    f"declared {list(t.shape)}")
 
 
-class WeightsFile:
-    """Appends initializers to one external-data file, once per distinct content."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.f = open(path, "wb")
-        self.offsets: dict[str, tuple[int, int]] = {}
-        self.index: dict[str, dict] = {}  # name -> offset, shape, dtype (for runtimes that share weights)
-
-    def close(self) -> None:
-        self.f.close()
-
-    def externalize(self, model, location: str) -> None:
-        """Move every large initializer of ``model`` (an onnx ModelProto, data loaded) into the file and
-        give it a content-derived name, so identical tensors in different graphs share storage and name."""
-        from onnx import TensorProto
-
-        renames = {}
-        for init in model.graph.initializer:
-            raw = init.raw_data
-            if len(raw) < MIN_EXTERNAL_BYTES:
-                continue
-            key = hashlib.sha256(f"{init.data_type}|{tuple(init.dims)}|".encode() + raw).hexdigest()
-            if key not in self.offsets:
-                pos = self.f.tell()
-                pad = (-pos) % ALIGN
-                self.f.write(b"\0" * pad)
-                self.offsets[key] = (pos + pad, len(raw))
-                self.f.write(raw)
-            off, length = self.offsets[key]
-            new_name = f"w_{key[:24]}"
-            self.index[new_name] = {"offset": off, "shape": [int(d) for d in init.dims],
-                                    "dtype": ONNX_DTYPES.get(init.data_type, str(init.data_type))}
-            renames[init.name] = new_name
-            init.name = new_name
-            init.ClearField("raw_data")
-            init.data_location = TensorProto.EXTERNAL
-            del init.external_data[:]
-            for k, v in (("location", location), ("offset", str(off)), ("length", str(length))):
-                e = init.external_data.add()
-                e.key, e.value = k, v
-        # an initializer may be used twice in one graph: keep one copy
-        seen, keep = set(), []
-        for init in model.graph.initializer:
-            if init.name not in seen:
-                seen.add(init.name)
-                keep.append(init)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        for node in model.graph.node:
-            for i, name in enumerate(node.input):
-                if name in renames:
-                    node.input[i] = renames[name]
-        for vi in model.graph.value_info:
-            if vi.name in renames:
-                vi.name = renames[vi.name]
-
-
 def _finish_graphs(staging: Path, folder: str, names: list[str]) -> tuple[dict[str, Path], dict]:
     """Consolidate the exporter's per-graph data files of ``folder`` into one weights.bin; check each graph."""
     import onnx
@@ -228,15 +169,6 @@ def _progress(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="graph", file=sys.stderr, disable=None)
-
-
-def export_files(folder: Path) -> list[str]:
-    """The files an export wrote into ``folder`` (from its manifest); nothing if it has no readable one."""
-    try:
-        m = Manifest.read(folder, verify=False)
-    except (ArtifactError, OSError):
-        return []
-    return [MANIFEST_NAME, *m.files]
 
 
 def export_artifacts(

@@ -5,8 +5,8 @@ Every shape that differs between passes or runs is a graph dimension: the batch,
 positions and the cached length. What a pass needs that used to be baked in as constants (its RoPE
 positions, which special-token rows it embeds) is a small input the runtime computes once from
 ``restok.schedule`` (``HARStep.position_ids``, ``HARStep.embed_sources``). Each module declares its
-graph signature (``signature()``: names, symbolic shapes, dtypes, roles) and the exporter writes it into
-the manifest, where the runtime's binding plan reads it.
+graph signature (``signature()``, from ``restok.contract``: names, symbolic shapes, dtypes, roles) and the
+exporter writes it into the manifest, where the runtime's binding plan reads it.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restok.manifest import TensorSpec
+from restok.contract import (KV_CACHES, SAMPLING_INPUTS, TensorSpec, decoder_signature, encoder_signature,
+                             generator_signature, rows)
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 from restok.noise import NOISE_KEYS, check_capacity
 from restok.sampling import gumbel_noise, sample_tokens
 from restok.schedule import EMBED_CLASS
-
-SAMPLING_INPUTS = ("cfg_scale", "temperature", "top_k", "top_p")
-KV_CACHES = ("concat", "inplace")
 
 
 # --------------------------------------------------------------------------------- KV-cache forms
@@ -78,16 +76,12 @@ def _clip_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
 class GeneratorGraph(nn.Module):
     """Any pass of the schedule: embeddings -> transformer over the KV cache -> logits -> sampled tokens.
 
-    Inputs (R = 2B rows with guidance, rows B.. carrying the null class; R = B without; n new positions):
-    ``tokens`` int64 [R, n] (column p: the class label where ``embed_sources[p]`` is EMBED_CLASS, the image
-    token where it is EMBED_TOKEN, ignored at special positions), ``embed_sources`` int64 [n],
-    ``positions`` int64 [n] (contiguous, the first is the cached length; position p predicts token p),
-    ``noise_keys`` int32 [B, NOISE_KEYS] (each image's keys of the in-graph Gumbel generator,
-    ``restok.noise``), ``cfg_scale``/``temperature``/``top_p`` float32 [B], ``top_k`` int64 [B],
-    then per layer ``past_key_{l}``/``past_value_{l}`` [R, H, past, hd] (concat) or
-    ``cache_key_{l}``/``cache_value_{l}`` [R, H, seq_len, hd] (inplace, updated with TensorScatter).
-    Outputs: ``next_tokens`` int64 [R, n] (the B sampled rows, repeated for the unconditional rows),
-    ``logits`` float32 [R, n, V], then ``present_*`` [R, H, past + n, hd] or ``cache_*_out`` (in place).
+    Its inputs and outputs are ``restok.contract.generator_signature``. Rows: 2B with guidance (rows B..
+    carry the null class), B without. Column p of ``tokens`` holds the class label where ``embed_sources[p]``
+    is EMBED_CLASS, the image token where it is EMBED_TOKEN and is ignored at special positions;
+    ``positions`` are contiguous and start at the cached length (position p predicts token p);
+    ``next_tokens`` holds the B sampled rows, repeated for the unconditional rows. The in-place KV cache is
+    updated with TensorScatter.
     """
 
     def __init__(self, gen: HARGenerator, guided: bool, kv_cache: str = "concat"):
@@ -104,36 +98,19 @@ class GeneratorGraph(nn.Module):
         return len(self.gen.layers)
 
     def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        """(inputs, outputs) with symbolic shapes: batch, rows, new, past, total."""
-        cfg, sched = self.gen.cfg, self.gen.schedule
-        kvh, hd = cfg.n_kv_head or cfg.n_head, cfg.dim // cfg.n_head
+        """(inputs, outputs) with symbolic shapes (``restok.contract.generator_signature``)."""
+        cfg = self.gen.cfg
         dt = "float16" if self.gen.tok_embeddings.weight.dtype == torch.float16 else "float32"
-        ins = [TensorSpec("tokens", ("rows", "new"), "int64", "tokens"),
-               TensorSpec("embed_sources", ("new",), "int64", "embed_sources"),
-               TensorSpec("positions", ("new",), "int64", "positions"),
-               TensorSpec("noise_keys", ("batch", NOISE_KEYS), "int32", "noise_keys")]
-        ins += [TensorSpec(n, ("batch",), "int64" if n == "top_k" else "float32", "sampling") for n in SAMPLING_INPUTS]
-        outs = [TensorSpec("next_tokens", ("rows", "new"), "int64", "next_tokens"),
-                TensorSpec("logits", ("rows", "new", cfg.vocab_size), "float32", "logits")]
-        layers = [(i, kv) for i in range(self.num_layers) for kv in ("key", "value")]
-        if self.kv_cache == "inplace":
-            shape = ("rows", kvh, sched.seq_len, hd)
-            ins += [TensorSpec(f"cache_{kv}_{i}", shape, dt, "kv_cache") for i, kv in layers]
-            outs += [TensorSpec(f"cache_{kv}_out_{i}", shape, dt, "kv_cache_out", aliases=f"cache_{kv}_{i}")
-                     for i, kv in layers]
-        else:
-            ins += [TensorSpec(f"past_{kv}_{i}", ("rows", kvh, "past", hd), dt, "kv_past") for i, kv in layers]
-            outs += [TensorSpec(f"present_{kv}_{i}", ("rows", kvh, "total", hd), dt, "kv_present",
-                                feeds=f"past_{kv}_{i}") for i, kv in layers]
-        return tuple(ins), tuple(outs)
+        return generator_signature(vocab_size=cfg.vocab_size, num_layers=self.num_layers,
+                                   kv_heads=cfg.n_kv_head or cfg.n_head, head_dim=cfg.dim // cfg.n_head,
+                                   seq_len=self.gen.schedule.seq_len, kv_dtype=dt, kv_cache=self.kv_cache)
 
     def example_inputs(self, batch: int = 2, new: int = 4, past: int = 4) -> tuple[torch.Tensor, ...]:
         """Inputs of a made-up pass (sizes >= 2 everywhere, so the exporter keeps every dimension symbolic)."""
         cfg, sched = self.gen.cfg, self.gen.schedule
-        R = 2 * batch if self.guided else batch
+        R = rows(batch, self.guided)
         w = self.gen.tok_embeddings.weight
         dev, dtype = w.device, w.dtype
-        ins, _ = self.signature()
         tokens = torch.arange(R * new, device=dev).reshape(R, new) % cfg.vocab_size
         sources = torch.tensor([-1] * (new // 2) + list(range(new - new // 2)), device=dev)
         positions = torch.arange(past, past + new, device=dev)
@@ -146,19 +123,16 @@ class GeneratorGraph(nn.Module):
         return (tokens, sources, positions, keys, *[t.to(dev) for t in sampling], *kv)
 
     def dynamic_shapes(self, max_batch: int) -> tuple:
-        """torch.export dimensions of every input, in order (rows = 2 * batch with guidance)."""
+        """torch.export dimensions of every input, in order: the signature's shape symbols as Dims."""
         from torch.export import Dim
 
         sched = self.gen.schedule
         batch = Dim("batch", min=1, max=max_batch)
-        rows = 2 * batch if self.guided else batch
-        new = Dim("new", min=1, max=max(sched.new_positions))
-        shapes = [{0: rows, 1: new}, {0: new}, {0: new}, {0: batch}] + [{0: batch}] * len(SAMPLING_INPUTS)
-        if self.kv_cache == "inplace":
-            kv = {0: rows}
-        else:
-            kv = {0: rows, 2: Dim("past", min=0, max=sched.seq_len - 1)}
-        return (*shapes, tuple([kv] * (2 * self.num_layers)))  # *kv is one positional group for torch.export
+        dims = {"batch": batch, "rows": rows(batch, self.guided), "new": Dim("new", min=1, max=max(sched.new_positions)),
+                "past": Dim("past", min=0, max=sched.seq_len - 1)}
+        shapes = [{i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.signature()[0]]
+        named = 4 + len(SAMPLING_INPUTS)  # tokens, embed_sources, positions, noise_keys, the sampling inputs
+        return (*shapes[:named], tuple(shapes[named:]))  # the KV caches are one positional group (*kv)
 
     def embed(self, tokens: torch.Tensor, embed_sources: torch.Tensor) -> torch.Tensor:
         """[R, n] ids + [n] sources -> [R, n, dim]: every table is gathered with clamped ids (columns that
@@ -208,11 +182,6 @@ class _TokenizerGraph(nn.Module):
         super().__init__()
         self.tok = tok
 
-    def _specs(self) -> tuple[TensorSpec, TensorSpec]:
-        c = self.tok.cfg
-        return (TensorSpec("tokens", ("batch", c.num_latent_tokens), "int64", "tokens"),
-                TensorSpec("images", ("batch", 3, c.image_size, c.image_size), "float32", "images"))
-
     def dynamic_shapes(self, max_batch: int) -> tuple:
         from torch.export import Dim
 
@@ -223,8 +192,7 @@ class DecoderGraph(_TokenizerGraph):
     """``tokens`` [B, N] int64 -> ``images`` [B, 3, S, S] float32 (not clamped)."""
 
     def signature(self):
-        tokens, images = self._specs()
-        return (tokens,), (images,)
+        return decoder_signature(self.tok.cfg.num_latent_tokens, self.tok.cfg.image_size)
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         N, V = self.tok.cfg.num_latent_tokens, self.tok.cfg.codebook_size
@@ -238,8 +206,7 @@ class EncoderGraph(_TokenizerGraph):
     """``images`` [B, 3, S, S] float32 in [0, 1] -> ``tokens`` [B, N] int64."""
 
     def signature(self):
-        tokens, images = self._specs()
-        return (images,), (tokens,)
+        return encoder_signature(self.tok.cfg.num_latent_tokens, self.tok.cfg.image_size)
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         s = self.tok.cfg.image_size

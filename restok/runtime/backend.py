@@ -21,7 +21,7 @@ from restok.runtime.plan import CONSTANT, BindingPlan, PassPlan, RunInputs
 BACKENDS = {
     "onnxruntime": "restok.runtime.onnxruntime_backend:OnnxRuntimeBackend",
     "torch": "restok.runtime.torch_backend:TorchBackend",
-    "tensorrt": "restok.runtime.tensorrt_backend:TensorRTBackend",
+    "tensorrt": "restok.tensorrt.backend:TensorRTBackend",
     "openvino": "restok.runtime.openvino_backend:OpenVINOBackend",
 }
 
@@ -124,7 +124,7 @@ class HostBackend(Backend):
         if i + 1 >= len(self.plan.passes):
             return
         nxt = self.plan.passes[i + 1]
-        rows = self.plan.rows(self.batch)
+        rows = self.manifest.rows(self.batch)
         src = self.view(nxt.tokens_from, (rows, nxt.tokens_width))
         dst_b = next(bd for bd in nxt.inputs if bd.tensor.role == "tokens")
         self.view(dst_b.buffer, self.plan.shape(dst_b, self.batch, nxt))[:, : nxt.tokens_width] = src

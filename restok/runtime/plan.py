@@ -1,8 +1,8 @@
 """The binding plan: the manifest's graph I/O contract turned into buffers and per-pass bindings. No torch.
 
 Every backend allocates the plan's buffers once (sized for ``max_batch``) and binds, for pass i and a run
-of b images, each graph tensor to a prefix of its buffer with the shape the plan resolves (the symbols
-batch, rows, new, past, total of ``restok.manifest``). Nothing here parses tensor names: what a tensor
+of b images, each graph tensor to a prefix of its buffer with the shape the plan resolves (the shape
+symbols of ``restok.contract``, through ``pass_dims``/``batch_dims``). Nothing here parses tensor names: what a tensor
 is comes from its role, and which output feeds or aliases which input from the manifest.
 
 Buffers (key: shape at max batch):
@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from restok.manifest import ArtifactError, GraphSpec, Manifest, TensorSpec, np_dtype
+from restok.contract import ArtifactError, TensorSpec, batch_dims, pass_dims
+from restok.manifest import Manifest, np_dtype
 from restok.schedule import HARStep
 
 HOST_INPUT, CONSTANT, STATE = "host_input", "constant", "state"
-GENERATOR_INPUT_ROLES = {"tokens", "embed_sources", "positions", "noise_keys", "sampling", "kv_past", "kv_cache"}
-GENERATOR_OUTPUT_ROLES = {"next_tokens", "logits", "kv_present", "kv_cache_out"}
-SAMPLING_NAMES = ("cfg_scale", "temperature", "top_k", "top_p")
 
 
 @dataclass(frozen=True)
@@ -63,10 +61,6 @@ class PassPlan:
     def index(self) -> int:
         return self.step.index
 
-    def dims(self, batch: int, rows: int) -> dict[str, int]:
-        st = self.step
-        return {"batch": batch, "rows": rows, "new": st.num_new, "past": st.cached, "total": st.total}
-
 
 @dataclass(frozen=True)
 class RunInputs:
@@ -96,14 +90,14 @@ class BindingPlan:
         self.schedule = m.har_schedule()
         self.max_batch = m.max_batch
         g = m.graphs["generator"]
-        self._check_roles(g)
-        B, R = m.max_batch, m.rows(m.max_batch)
+        g.check_generator_roles()
+        B = m.max_batch
         n_max = max(st.num_new for st in self.schedule.steps)
         present_of: dict[str, str] = {}  # past input name -> buffer of the previous pass's present output
         prev_tokens: tuple[str, int] | None = None
         for st in self.schedule.steps:
             i = st.index
-            dims = {"batch": B, "rows": R, "new": st.num_new, "past": st.cached, "total": st.total}
+            dims = pass_dims(st, B, m.guided)
             ins, outs = [], []
             for t in g.inputs:
                 if t.role == "tokens":
@@ -148,26 +142,11 @@ class BindingPlan:
                 if self.buffers[bd.buffer].kind == HOST_INPUT:
                     self.host_inputs.setdefault(bd.buffer, (bd, p))
         dec = m.graphs["decoder"]
-        ddims = {"batch": B}
+        ddims = batch_dims(B)
         self.decoder = (tuple(Binding(t, self._add(f"decoder.{t.name}", t, ddims, STATE)) for t in dec.inputs),
                         tuple(Binding(t, self._add(f"decoder.{t.name}", t, ddims, STATE)) for t in dec.outputs))
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _check_roles(g: GraphSpec) -> None:
-        unknown = [t.name for t in g.inputs if t.role not in GENERATOR_INPUT_ROLES]
-        unknown += [t.name for t in g.outputs if t.role not in GENERATOR_OUTPUT_ROLES]
-        if unknown:
-            raise ArtifactError(f"generator tensors {unknown} have roles this runtime does not know; re-export "
-                                "the artifacts with this restok")
-        roles = [t.role for t in g.inputs]
-        for need in ("tokens", "embed_sources", "positions", "noise_keys"):
-            if roles.count(need) != 1:
-                raise ArtifactError(f"the generator graph has {roles.count(need)} {need!r} inputs; re-export")
-        bad = [t.name for t in g.inputs if t.role == "sampling" and t.name not in SAMPLING_NAMES]
-        if bad:
-            raise ArtifactError(f"unknown sampling inputs {bad}; re-export the artifacts with this restok")
-
     def _add(self, key: str, t: TensorSpec, dims: dict[str, int], kind: str) -> str:
         buf = Buffer(key, t.resolve(dims), np_dtype(t.dtype), kind)
         have = self.buffers.get(key)
@@ -178,17 +157,14 @@ class BindingPlan:
         return key
 
     # ------------------------------------------------------------------- use
-    def rows(self, batch: int) -> int:
-        return self.manifest.rows(batch)
-
     def check_batch(self, batch: int) -> None:
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"a run takes 1..{self.max_batch} images (the export's --max-batch); got {batch}")
 
     def shape(self, binding: Binding, batch: int, p: PassPlan | None = None) -> tuple[int, ...]:
         """The concrete shape of ``binding`` in pass ``p`` (None: the decoder) for a run of ``batch`` images."""
-        dims = p.dims(batch, self.rows(batch)) if p is not None else {"batch": batch}
-        return binding.tensor.resolve(dims)
+        m = self.manifest
+        return binding.tensor.resolve(pass_dims(p.step, batch, m.guided) if p is not None else batch_dims(batch))
 
     def constants(self) -> dict[str, np.ndarray]:
         """Values of the CONSTANT buffers (per-pass positions and embed sources)."""

@@ -22,11 +22,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from restok.noise import noise_keys
-from restok.sampling_params import SamplingParams
-from restok.schedule import CFG_SCHEDULES
+from restok.sampling_params import SEED_LIMIT, SamplingParams
 from restok.serving.metrics import ServerMetrics
 from restok.serving.scheduler import BatchScheduler, DeadlineExceeded, ImageJob, QueueFull
 
@@ -37,7 +36,7 @@ class ServeConfig:
     backend: str = "onnxruntime"
     threads: int | None = None
     backend_options: dict = field(default_factory=dict)
-    max_batch: int | None = None  # default: the export's max batch
+    batch_limit: int | None = None  # most images in one run; default: the export's max batch
     max_wait_ms: float = 10.0
     max_queue: int = 256  # images
     request_timeout: float = 120.0  # seconds from arrival; images not started by then are dropped (504)
@@ -46,8 +45,8 @@ class ServeConfig:
     verify: bool = True
 
     def validate(self, export_max_batch: int) -> None:
-        if self.max_batch is not None and not 1 <= self.max_batch <= export_max_batch:
-            raise ValueError(f"--max-batch must be in 1..{export_max_batch} (the export's max batch), got {self.max_batch}")
+        if self.batch_limit is not None and not 1 <= self.batch_limit <= export_max_batch:
+            raise ValueError(f"--batch-limit must be in 1..{export_max_batch} (the export's max batch), got {self.batch_limit}")
         if not self.max_wait_ms >= 0 or not self.request_timeout > 0 or self.max_queue < 1:
             raise ValueError("--max-wait-ms must be >= 0, --request-timeout > 0 and --max-queue >= 1")
 
@@ -64,9 +63,9 @@ class Service:
         self.cfg = cfg
         self.pipe = Pipeline(cfg.artifacts, cfg.backend, threads=cfg.threads, manifest=manifest, **cfg.backend_options)
         self.manifest = self.pipe.manifest
-        self.max_batch = cfg.max_batch or self.manifest.max_batch
-        self.metrics = ServerMetrics(self.manifest, cfg.backend, self.max_batch)
-        self.scheduler = BatchScheduler(self._run_batch, self.max_batch, cfg.max_wait_ms, cfg.max_queue,
+        self.batch_limit = cfg.batch_limit or self.manifest.max_batch
+        self.metrics = ServerMetrics(self.manifest, cfg.backend, self.batch_limit)
+        self.scheduler = BatchScheduler(self._run_batch, self.batch_limit, cfg.max_wait_ms, cfg.max_queue,
                                         observe=self.metrics.observe)
         self.ready = False
         self.draining = False
@@ -81,14 +80,14 @@ class Service:
         return g.tokens, to_uint8(g.images), g.step_seconds
 
     def warm_up(self) -> None:
-        """One run at the largest batch (ONNX Runtime plans its memory; TensorRT captures its graph)."""
-        jobs = [ImageJob(0, SamplingParams(), noise_keys(0, 1)[0], 0.0) for _ in range(self.max_batch)]
+        """One run at the batch limit (ONNX Runtime plans its memory; CUDA-graph backends capture)."""
+        jobs = [ImageJob(0, SamplingParams(), noise_keys(0, 1)[0], 0.0) for _ in range(self.batch_limit)]
         self._run_batch(jobs)
 
     def model_card(self) -> dict:
         m = self.manifest
         return {"id": f"restok-{m.generator.get('dim')}d-{m.vocab_size}v", "object": "model", "owned_by": "restok",
-                "precision": m.precision, "backend": self.cfg.backend, "max_batch": self.max_batch,
+                "precision": m.precision, "backend": self.cfg.backend, "max_batch": self.manifest.max_batch, "batch_limit": self.batch_limit,
                 "num_classes": m.num_classes, "image_size": m.image_size, "kv_cache": m.kv_cache,
                 "schedule": {"num_steps": m.num_steps, "new_positions": m.har_schedule().new_positions},
                 "artifacts_sha256": self.metrics.artifacts_sha256}
@@ -103,18 +102,22 @@ def _field_error(loc: list, message: str):
     return JSONResponse({"detail": [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]}, status_code=422)
 
 
-class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    class_labels: list[int] = Field(min_length=1)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    cfg_scale: float = Field(3.75, ge=0, allow_inf_nan=False)
-    cfg_schedule: Literal[CFG_SCHEDULES] = "step"  # type: ignore[valid-type]
-    cfg_start: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(0.95, ge=0, le=1, allow_inf_nan=False)
-    response_format: Literal["b64_json", "png", "tokens"] = "b64_json"
+def _request_model() -> type[BaseModel]:
+    """The request body: the images asked for, then every SamplingParams setting with its own default and
+    bounds (one declaration: restok.sampling_params), then the response format."""
+    fields: dict = {"class_labels": (list[int], Field(min_length=1)), "n": (int, Field(1, ge=1)),
+                    "seed": (int | None, Field(None, ge=0, lt=SEED_LIMIT))}
+    for st in SamplingParams.settings():
+        if st.choices:
+            fields[st.name] = (Literal[st.choices], Field(st.default, description=st.help))  # type: ignore[valid-type]
+        else:
+            extra = {"allow_inf_nan": False} if st.kind is float else {}
+            fields[st.name] = (st.kind, Field(st.default, ge=st.lo, le=st.hi, description=st.help, **extra))
+    fields["response_format"] = (Literal["b64_json", "png", "tokens"], "b64_json")
+    return create_model("GenerationRequest", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+GenerationRequest = _request_model()
 
 
 def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
@@ -174,8 +177,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
             m.request("422")
             return _field_error(["response_format"], "png returns one image; use b64_json for several")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        params = SamplingParams(body.cfg_scale, body.cfg_schedule, body.cfg_start, body.temperature, body.top_k,
-                                body.top_p)
+        params = SamplingParams(**{st.name: getattr(body, st.name) for st in SamplingParams.settings()})
         keys = noise_keys(seed, len(labels))
         deadline = t0 + svc.cfg.request_timeout
         jobs = [ImageJob(c, params, keys[i], deadline) for i, c in enumerate(labels)]

@@ -10,7 +10,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class ServerMetrics:
-    def __init__(self, manifest: Manifest, backend: str, max_batch: int):
+    def __init__(self, manifest: Manifest, backend: str, batch_limit: int):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
         self.registry = r = CollectorRegistry()
@@ -25,7 +25,7 @@ class ServerMetrics:
         self.batch_run_seconds = Histogram("restok_batch_run_seconds", "time of one run (all passes and decoding)",
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("restok_batch_size", "images per run",
-                                    buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, max_batch} & set(range(1, max_batch + 1)))),
+                                    buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, batch_limit} & set(range(1, batch_limit + 1)))),
                                     registry=r)
         self.pass_seconds = Histogram("restok_pass_seconds", "time of one HAR pass", ["pass_index"],
                                       buckets=LATENCY_BUCKETS, registry=r)
@@ -33,7 +33,7 @@ class ServerMetrics:
         self.running = Gauge("restok_running_images", "images in the current run", registry=r)
         Info("restok_model", "the served artifacts", registry=r).info({
             "artifacts_sha256": self.artifacts_sha256, "precision": manifest.precision, "backend": backend,
-            "max_batch": str(max_batch), "kv_cache": manifest.kv_cache})
+            "max_batch": str(manifest.max_batch), "batch_limit": str(batch_limit), "kv_cache": manifest.kv_cache})
 
     def request(self, status: str, seconds: float | None = None) -> None:
         self.requests_total.labels(status=status).inc()

@@ -35,9 +35,9 @@ def build(cfg: ServeConfig, replicas: int = 1, max_replicas: int | None = None, 
 
 def app_builder(args: dict):
     """For ``serve run restok.serving.ray_serve:app_builder key=value ...`` (keys: artifacts, backend, replicas,
-    max_replicas, gpus_per_replica, cpus_per_replica, max_batch, max_wait_ms, max_queue, api_key)."""
+    max_replicas, gpus_per_replica, cpus_per_replica, batch_limit, max_wait_ms, max_queue, api_key)."""
     cfg = ServeConfig(args["artifacts"], backend=args.get("backend", "onnxruntime"),
-                      max_batch=int(args["max_batch"]) if args.get("max_batch") else None,
+                      batch_limit=int(args["batch_limit"]) if args.get("batch_limit") else None,
                       max_wait_ms=float(args.get("max_wait_ms", 10.0)), max_queue=int(args.get("max_queue", 256)),
                       api_key=args.get("api_key"))
     return build(cfg, int(args.get("replicas", 1)), int(args["max_replicas"]) if args.get("max_replicas") else None,

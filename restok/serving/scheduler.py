@@ -1,4 +1,4 @@
-"""Dynamic batching: images from many requests gathered into runs of up to max batch, on one backend thread.
+"""Dynamic batching: images from many requests gathered into runs of up to the batch limit, on one backend thread.
 
 Every image of a request is a job carrying its own class label, sampling settings and noise keys (its seed
 and index), so jobs of different requests with different settings share a run and each image is the same
@@ -56,12 +56,12 @@ class BatchScheduler:
     ``run_batch(jobs) -> (tokens [b, N], images uint8 [b, S, S, 3] or None, pass seconds)`` does the work;
     ``observe(event, **values)`` receives measurements for the metrics."""
 
-    def __init__(self, run_batch: Callable, max_batch: int, max_wait_ms: float, max_queue: int,
+    def __init__(self, run_batch: Callable, batch_limit: int, max_wait_ms: float, max_queue: int,
                  observe: Callable[..., None] | None = None):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max batch and max queue must be >= 1 and max wait >= 0")
+        if batch_limit < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("batch limit and max queue must be >= 1 and max wait >= 0")
         self.run_batch = run_batch
-        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.batch_limit, self.max_wait, self.max_queue = batch_limit, max_wait_ms / 1000.0, max_queue
         self.observe = observe or (lambda event, **kw: None)
         self.queue: deque[ImageJob] = deque()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restok-backend")
@@ -103,9 +103,9 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------ loop
     def _take(self) -> list[ImageJob]:
-        """Up to max batch live jobs from the front of the queue; dead ones are failed and dropped."""
+        """Up to batch-limit live jobs from the front of the queue; dead ones are failed and dropped."""
         batch, now = [], time.monotonic()
-        while self.queue and len(batch) < self.max_batch:
+        while self.queue and len(batch) < self.batch_limit:
             j = self.queue.popleft()
             if j.cancelled or j.future.done():
                 continue
@@ -124,7 +124,7 @@ class BatchScheduler:
                 await self._wake.wait()
             # the oldest job waits at most max_wait for others to join its run
             first = self.queue[0].enqueued
-            while len(self.queue) < self.max_batch and time.monotonic() - first < self.max_wait:
+            while len(self.queue) < self.batch_limit and time.monotonic() - first < self.max_wait:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, first + self.max_wait - time.monotonic()))

@@ -55,7 +55,7 @@ def train_bundled(out: Path, work: Path, tok_steps: int | None = None, gen_steps
     metrics = {"tokenizer": tokenizer_metrics(tok, DigitsDataset(tok.cfg.image_size, "test"))}
 
     def images(labels):
-        ids = restok.generate(gen, labels, cfg_scale=3.75, cfg_schedule="step", cfg_start=0.25, top_p=0.95, seed=0)
+        ids = restok.generate(gen, labels, seed=0)  # the paper's settings: SamplingParams()
         return tok.decode(ids).numpy()
 
     metrics["generation"] = generated_class_accuracy(images, 10, 20)

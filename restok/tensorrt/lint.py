@@ -217,3 +217,29 @@ def lint_artifacts(folder: str | Path) -> dict[str, LintReport]:
     if m.fallback:  # the past/present generator for TensorRT < 10.15
         reports[f"generator.{m.fallback['kv_cache']}"] = lint_file(folder / m.fallback["generator"]["file"])
     return reports
+
+
+def tensorrt_summary(folder: str | Path, graphs: tuple[str, ...] | None = None) -> dict:
+    """What ``restok export``, ``calibrate``, ``check`` and ``build`` report about an export: whether
+    TensorRT's parser takes every graph (``graphs``: these only) and from which version, with the first
+    problems of each graph that it would reject. ``{"linted": False, ...}`` where onnx is not installed."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return {"linted": False, "note": "onnx is not installed: the TensorRT lint did not run"}
+    reports = {k: r for k, r in lint_artifacts(folder).items() if graphs is None or k.split(".")[0] in graphs}
+    parses = [r for k, r in reports.items() if r.ok]
+    return {"linted": True, "parses": len(parses) == len(reports),
+            "min_tensorrt": ".".join(map(str, max((r.min_tensorrt for r in parses), default=(10, 3)))),
+            "graphs": {k: {"ok": r.ok, "min_tensorrt": ".".join(map(str, r.min_tensorrt)), "errors": r.errors[:5]}
+                       for k, r in reports.items()}}
+
+
+def tensorrt_line(summary: dict) -> str:
+    """One line for a command's output."""
+    if not summary.get("linted"):
+        return f"TensorRT: {summary.get('note', 'not checked')}"
+    if summary["parses"]:
+        return f"TensorRT: every graph parses (TensorRT >= {summary['min_tensorrt']})"
+    bad = {k: v["errors"][0] for k, v in summary["graphs"].items() if not v["ok"]}
+    return "TensorRT would reject " + "; ".join(f"{k}: {e}" for k, e in bad.items())

@@ -86,18 +86,14 @@ def prepare(job: SampleJob) -> None:
 
 
 def run_shard(pipe, job: SampleJob, s: int) -> int:
-    """Generate shard ``s`` in runs of the export's max batch and write it whole; returns its image count."""
+    """Generate shard ``s`` (image i: stream i of the job's seed) and write it whole; returns its image count."""
     from restok.images import to_uint8
 
     idx = list(job.shard_range(s))
-    labels = job.labels
-    images = []
-    for start in range(0, len(idx), pipe.max_batch):
-        chunk = idx[start : start + pipe.max_batch]
-        g = pipe.generate([labels[i] for i in chunk], job.sampling, seed=job.seed, noise_start=chunk[0])
-        images.append(to_uint8(g.images))
+    labels = [job.labels[i] for i in idx]
+    images = [to_uint8(g.images) for g in pipe.runs(labels, job.sampling, seed=job.seed, noise_start=idx[0])]
     buf = io.BytesIO()
-    np.savez(buf, images=np.concatenate(images), labels=np.asarray([labels[i] for i in idx]), indices=np.asarray(idx))
+    np.savez(buf, images=np.concatenate(images), labels=np.asarray(labels), indices=np.asarray(idx))
     atomic_write_bytes(job.shard_path(s), buf.getvalue())
     return len(idx)
 

@@ -77,7 +77,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None, **_):
-        from restok.engines.builder import import_tensorrt, tensorrt_manifest
+        from restok.tensorrt.builder import import_tensorrt, tensorrt_manifest
 
         trt = import_tensorrt()
         super().__init__(folder, tensorrt_manifest(manifest, trt.__version__), threads)
@@ -101,7 +101,7 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------ setup
     def _open(self) -> None:
-        from restok.engines.builder import check_engines, gpu_identity
+        from restok.tensorrt.builder import check_engines, gpu_identity
 
         trt, cu, m = self.trt, self.cuda, self.manifest
         d, info = check_engines(self.folder, m, trt.__version__, gpu_identity())
@@ -254,7 +254,7 @@ class TensorRTBackend(Backend):
         """Pass i, then its tokens into pass i+1's first columns and into the decoder's input."""
         self._execute("generator", i)
         p = self.plan.passes[i]
-        b, rows, n, N = self.batch, self.plan.rows(self.batch), p.step.num_new, self.manifest.num_tokens
+        b, rows, n, N = self.batch, self.manifest.rows(self.batch), p.step.num_new, self.manifest.num_tokens
         src = self.dev[f"next_tokens.{i}"]
         if i + 1 < len(self.plan.passes):
             nxt = self.plan.passes[i + 1]

@@ -26,8 +26,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from restok.contract import GraphSpec, batch_dims, pass_dims
 from restok.fileutil import atomic_path, atomic_write_bytes
-from restok.manifest import GraphSpec, Manifest
+from restok.manifest import Manifest
+from restok.tensorrt.lint import tensorrt_line, tensorrt_summary
 
 BUILD_INFO = "build.json"
 MIN_TENSORRT = (10, 3)  # user-managed context memory with v2 sizes (10.1), tested API surface from 10.3
@@ -175,18 +177,14 @@ def tensorrt_manifest(m: Manifest, trt_version: str) -> Manifest:
 
 def generator_profiles(m: Manifest, opt_batch: int) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """One profile per pass: {input: (min, opt, max)}; the pass's shapes with batch 1, opt_batch, max batch."""
-    from restok.runtime.plan import BindingPlan
-
-    plan = BindingPlan(m)
-    out = []
-    for p in plan.passes:
-        out.append({bd.tensor.name: tuple(plan.shape(bd, b, p) for b in (1, opt_batch, m.max_batch))
-                    for bd in p.inputs})
-    return out
+    g = m.graphs["generator"]
+    batches = (1, opt_batch, m.max_batch)
+    return [{t.name: tuple(t.resolve(pass_dims(st, b, m.guided)) for b in batches) for t in g.inputs}
+            for st in m.har_schedule().steps]
 
 
 def batch_profile(g: GraphSpec, m: Manifest, opt_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    return {t.name: tuple(t.resolve({"batch": b}) for b in (1, opt_batch, m.max_batch)) for t in g.inputs}
+    return {t.name: tuple(t.resolve(batch_dims(b)) for b in (1, opt_batch, m.max_batch)) for t in g.inputs}
 
 
 class _Progress:
@@ -287,6 +285,9 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> di
     want = ["generator", "decoder"] + (["encoder"] if opts.encoder and "encoder" in m.graphs else [])
     if opts.encoder and "encoder" not in m.graphs:
         raise EngineError("--encoder: these artifacts have no encoder graph (exported with --no-encoder)")
+    lint = tensorrt_summary(folder, tuple(want))  # what the parser would reject, said before a long build
+    if lint.get("linted") and not lint["parses"]:
+        raise EngineError(f"{tensorrt_line(lint)}; re-export the artifacts with this restok")
     try:
         d, info = check_engines(folder, m, trt.__version__, gpu)
         if info.get("key", {}).get("opt_batch") == opts.batch_for(m) and set(want) <= set(info.get("engines", [])):

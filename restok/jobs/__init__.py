@@ -1,0 +1,1 @@
+"""Offline jobs over the runtime: ``restok sample`` (resumable, sharded sampling for gFID)."""

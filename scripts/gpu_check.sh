@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine (restok issue: TensorRT engines). Installs nothing.
+# The one prepared check for a lent GPU machine (restok issue 20). Installs nothing; JSON out.
 #   scripts/gpu_check.sh [ARTIFACTS_DIR]
-# ARTIFACTS_DIR: a tiny fp16 export made elsewhere (restok export --preset tiny --precision fp16 --out DIR;
-# out/ is git-ignored, so a device run must carry it, e.g. carry ["out/tiny_fp16"]). Without it the script
-# exports one here, which needs torch + onnx + onnxscript. Writes $OUT/gpu_check.json (OUT defaults to
-# ./out/gpu_check); its first field says whether TensorRT is importable. Every stage has a timeout under one
-# deadline: the whole run stays under 8 minutes. Two engines are built (the generator with one profile per
-# HAR pass, the decoder; never the encoder); the report has their sizes and the device memory per image.
-# Without TensorRT (or when its build fails) it still reports the PyTorch-on-GPU numbers.
+# 1. probe: what the machine has (torch + CUDA, TensorRT, cuda-python, ONNX tools).
+# 2. the bundled model exported here (torch + onnx + onnxscript, seconds), then `restok check --backend cuda`
+#    in fp32 (parity rung) and bf16 (the fast configuration's gate) against the float32 PyTorch reference.
+# 3. python -m restok.measure.gpu: cuda vs ONNX Runtime tokens on the bundled export; batch sizes alternating
+#    1, 16, 3, 16, 1 with graph replay equal to eager and pass by pass; the L preset (seeded weights, held in
+#    memory): batch-1 latency, images/s at 64 and 256, peak device memory, kernels and host launches per
+#    image, host time per image, graphs on and off, bf16 vs fp32, batch invariance of 64 images.
+# 4. TensorRT stages only when TensorRT and cuda-python import (ARTIFACTS_DIR: a tiny fp16 export made
+#    elsewhere, carried; default: exported here).
+# Writes $OUT/gpu_check.json (OUT defaults to ./out/gpu_check). Every stage has a timeout under one deadline
+# of 6 minutes; a stage that runs out leaves what it measured so far.
 set -u
 ART_ARG="${1:-}"
 [ -n "$ART_ARG" ] && ART_ARG="$(realpath -m "$ART_ARG")"  # before the cd below
@@ -21,7 +25,8 @@ PY="${PYTHON:-python3}"
 LOG="$OUT/log.txt"
 : > "$LOG"
 : > "$OUT/stages.jsonl"
-DEADLINE=$(( $(date +%s) + 450 ))  # 7.5 minutes for the stages; the report takes seconds
+DEADLINE=$(( $(date +%s) + 340 ))  # under 6 minutes for the stages; the report takes seconds
+export RESTOK_CACHE="$SCRATCH/cache"  # never the user's cache
 
 record() {  # record NAME RC SECONDS [REASON]
   echo "{\"stage\": \"$1\", \"rc\": $2, \"seconds\": $3${4:+, \"reason\": \"$4\"}}" >> "$OUT/stages.jsonl"
@@ -30,7 +35,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout (capped by the deadline
   local name=$1 secs=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) ))
   if [ "$left" -lt 10 ]; then
-    record "$name" 124 0 "skipped: the 8-minute deadline was reached"
+    record "$name" 124 0 "skipped: the 6-minute deadline was reached"
     return 124
   fi
   [ "$secs" -gt "$left" ] && secs=$left
@@ -81,41 +86,48 @@ probe() { "$PY" -c "import json,sys;d=json.load(open('$OUT/probe.json'));print(1
 HAS_TRT=0
 [ "$(probe tensorrt)" = 1 ] && [ "$(probe cuda_python)" = 1 ] && HAS_TRT=1
 
-# 2. artifacts
-ART="$ART_ARG"
-if [ -z "$ART" ]; then
-  ART="$SCRATCH/tiny_fp16"
+# 2. the cuda backend on the bundled model: gates against the float32 reference
+BUNDLED="$SCRATCH/bundled"
+if [ "$(probe cuda)" = 1 ]; then
   if [ "$(probe onnxscript)" = 1 ]; then
-    step export 240 "$PY" -m restok export --preset tiny --precision fp16 --max-batch 16 --out "$ART"
+    step export_bundled 90 "$PY" -m restok export --no-encoder --out "$BUNDLED"
   else
-    record export 127 0 "onnxscript missing: export on a CPU machine and pass the folder (carry it)"
+    record export_bundled 127 0 "onnxscript missing"
   fi
-fi
-
-# 3. engines, parity and benchmark
-if [ ! -f "$ART/manifest.json" ]; then
-  echo "no export at $ART: nothing to build or measure" >> "$LOG"
+  if [ -f "$BUNDLED/manifest.json" ]; then
+    for prec in fp32 bf16; do
+      step "check_cuda_$prec" 60 "$PY" -m restok check --artifacts "$BUNDLED" --backend cuda --device cuda \
+        --compute-precision "$prec" --images 16 --polygraphy-dir "$SCRATCH/polygraphy_$prec" --json "$OUT/check_cuda_$prec.json"
+    done
+    MEASURE_ART=(--artifacts "$BUNDLED")
+  else
+    MEASURE_ART=()
+  fi
+  # 3. the measurements (the L preset's models are built on the host: about a minute of it)
+  step measure 240 "$PY" -m restok.measure.gpu "${MEASURE_ART[@]}" --preset L --device cuda --batches 1 64 256 \
+    --profile-batches 1 64 --runs 5 --invariance-images 64 --json "$OUT/measure.json"
 else
-  BENCH_TORCH=1
-  if [ "$HAS_TRT" = 1 ]; then
-    # two engines (generator: 9 profiles x batch 1..16; decoder) at opt level 3; the tiny preset builds in
-    # well under the 240 s given (the former 11 per-pass engines were budgeted 180 s)
-    if step build 240 "$PY" -m restok build --artifacts "$ART" --workspace 8 --json "$OUT/build.json"; then
-      step check 90 "$PY" -m restok check --artifacts "$ART" --backend tensorrt --device cuda --images 8 \
-        --polygraphy-dir "$SCRATCH/polygraphy" --json "$OUT/check.json"
-      step bench 90 "$PY" -m restok bench --artifacts "$ART" --backends tensorrt,torch --device cuda --runs 5 \
-        --batch 1 8 16 --json "$OUT/bench.json" && BENCH_TORCH=0
-    fi
-  else
-    echo "TensorRT or cuda-python is not installed: PyTorch-on-GPU numbers only" >> "$LOG"
-  fi
-  if [ "$BENCH_TORCH" = 1 ]; then
-    step bench_torch 90 "$PY" -m restok bench --artifacts "$ART" --backends torch --device cuda --runs 5 --batch 1 8 \
-      --json "$OUT/bench.json"
-  fi
+  record cuda 1 0 "PyTorch sees no CUDA device"
 fi
 
-# 4. one report
+# 4. TensorRT, where it imports
+if [ "$HAS_TRT" = 1 ]; then
+  ART="$ART_ARG"
+  if [ -z "$ART" ]; then
+    ART="$SCRATCH/tiny_fp16"
+    step export_tiny_fp16 60 "$PY" -m restok export --preset tiny --precision fp16 --max-batch 16 --out "$ART"
+  fi
+  if [ -f "$ART/manifest.json" ] && step build 120 "$PY" -m restok build --artifacts "$ART" --workspace 8 --json "$OUT/build.json"; then
+    step check_tensorrt 60 "$PY" -m restok check --artifacts "$ART" --backend tensorrt --device cuda --images 8 \
+      --polygraphy-dir "$SCRATCH/polygraphy" --json "$OUT/check_tensorrt.json"
+    step bench_tensorrt 60 "$PY" -m restok bench --artifacts "$ART" --backends tensorrt,cuda --device cuda --runs 5 \
+      --batch 1 8 16 --json "$OUT/bench_tensorrt.json"
+  fi
+else
+  echo "TensorRT or cuda-python is not installed: no TensorRT stages" >> "$LOG"
+fi
+
+# 5. one report
 timeout -k 5 30 "$PY" - "$OUT" <<'PYEOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -132,8 +144,10 @@ report = {"tensorrt_importable": bool(probe.get("tensorrt")),
           "stages": [json.loads(l) for l in (out / "stages.jsonl").read_text().splitlines() if l.strip()],
           "engines": {k: build.get(k) for k in ("engine_bytes", "engine_memory", "weights_bytes", "scratch_bytes",
                                                  "buffer_bytes_at_max_batch", "device_bytes_per_image")} if build else None,
-          "check": load("check.json"), "bench": load("bench.json"),
+          "check_cuda_fp32": load("check_cuda_fp32.json"), "check_cuda_bf16": load("check_cuda_bf16.json"),
+          "measure": load("measure.json"),
+          "check_tensorrt": load("check_tensorrt.json"), "bench_tensorrt": load("bench_tensorrt.json"),
           "log_tail": (out / "log.txt").read_text(errors="replace")[-4000:]}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-print(json.dumps({k: v for k, v in report.items() if k not in ("check", "log_tail")}, indent=2)[:4000])
+print(json.dumps({k: v for k, v in report.items() if not k.startswith("check") and k != "log_tail"}, indent=2)[:6000])
 PYEOF

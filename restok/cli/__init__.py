@@ -52,7 +52,7 @@ def _os_message(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     from restok.tensorrt.builder import EngineError
     from restok.manifest import ArtifactError
-    from restok.tensorrt.backend import CudaError
+    from restok.tensorrt.cuda import CudaError
 
     parser = build_parser()
     args = parser.parse_args(argv)

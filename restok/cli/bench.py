@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from restok.cli.common import (EXIT_OK, CLIError, add_export_args, add_json_arg, add_model_args, add_verify_arg, artifacts,
-                               non_empty_path, non_negative_int, positive_int, read_manifest, say, write_json)
+                               backend_options, non_empty_path, non_negative_int, positive_int, read_manifest, say,
+                               write_json)
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,10 @@ def add_parser(sub) -> None:
                    help=f"comma-separated from {', '.join(backend_names())} (default onnxruntime,torch)")
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="images per run (default 1); several "
                    "values measure each batch size with the same loaded backends")
-    p.add_argument("--device", default=None, help="torch backend device (default cpu; cuda to compare on a GPU)")
+    p.add_argument("--device", default=None, help="device of the torch reference (default cpu) and of the cuda backend "
+                   "(default cuda)")
+    p.add_argument("--compute-precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="of the openvino and cuda backends (see restok generate --help)")
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs per backend (default 5)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
@@ -40,8 +44,13 @@ def run(args) -> int:
     unknown = [b for b in backends if b not in backend_names()]
     if unknown or not backends:
         raise CLIError(f"unknown backends {unknown}; choose from {', '.join(backend_names())}")
-    if args.device is not None and "torch" not in backends:
-        raise CLIError("--device applies to the torch backend, which is not among --backends")
+    if args.device is not None and not {"torch", "cuda"} & set(backends):
+        raise CLIError("--device applies to the torch and cuda backends, neither of which is among --backends")
+    if args.compute_precision is not None and not {"openvino", "cuda"} & set(backends):
+        raise CLIError("--compute-precision applies to the openvino and cuda backends, neither of which is among --backends")
+    if args.compute_precision == "fp16" and "openvino" in backends:
+        raise CLIError("--compute-precision fp16 applies to the cuda backend; openvino computes in fp32 or bf16")
+    options = {b: backend_options(b, args.device, args.compute_precision) for b in backends}
     if args.artifacts and len(args.artifacts) > 1:
         folders = [Path(a) for a in args.artifacts]
         args.artifacts = args.artifacts[0]
@@ -52,7 +61,7 @@ def run(args) -> int:
     results = []
     for f in folders:
         results += run_bench(f, backends, batches=args.batch, runs=args.runs, warmup=args.warmup,
-                             threads=args.threads, device=args.device or "cpu", manifest=read_manifest(f, args))
+                             threads=args.threads, options=options, manifest=read_manifest(f, args))
     write_json({"results": results}, args.json)
     say(args, format_table(results))
     return EXIT_OK

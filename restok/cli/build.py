@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
     p.add_argument("--timing-cache", metavar="PATH", default="",
                    help="timing cache (default: next to the engines, one per TensorRT version and GPU)")
+    p.add_argument("--log-level", choices=("error", "warning", "info", "verbose"), default=None,
+                   help="TensorRT's log level (default: $RESTOK_TENSORRT_LOG_LEVEL, else warning)")
     add_json_arg(p, "a summary")
     p.set_defaults(func=run)
 
@@ -40,7 +42,7 @@ def run(args) -> int:
         how = "restok calibrate --precision" if args.precision in QUANTIZED else "restok export --precision"
         raise CLIError(f"{args.artifacts} holds {m.precision} graphs, not {args.precision}; make them with {how} {args.precision}")
     opts = BuildOptions(workspace_gb=args.workspace, opt_level=args.opt_level, timing_cache=args.timing_cache,
-                        opt_batch=args.opt_batch, encoder=args.encoder)
+                        opt_batch=args.opt_batch, encoder=args.encoder, log_level=args.log_level)
     opts.validate(m)
     info = build_engines(args.artifacts, opts)
     write_json(info, args.json)

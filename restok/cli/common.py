@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from restok.sampling_params import SEED_LIMIT
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED, EXIT_BUG = 0, 1, 2, 3, 130, 70
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -48,6 +50,9 @@ def _int_in(low: int, high: int):
         return v
 
     return parse
+
+
+seed_int = _int_in(0, SEED_LIMIT - 1)  # seeds and stream indices
 
 
 def finite_float(text: str) -> float:
@@ -113,22 +118,36 @@ def add_artifacts_arg(p: argparse.ArgumentParser, help_extra: str = "") -> None:
                         "cache on first use" + help_extra)
 
 
+GPU_BACKENDS = ("cuda", "tensorrt")
+
+
 def add_runtime_args(p: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
     from restok.runtime.backend import backend_names
 
     g = p.add_argument_group("runtime")
     choices = backends or (*backend_names(), "auto")
     g.add_argument("--backend", choices=choices, default="onnxruntime",
-                   help="onnxruntime (default, CPU), openvino (CPU, bf16 where the CPU has it), tensorrt (GPU; "
-                        "restok build first)" + (", torch (the reference)" if "torch" in choices else "")
-                        + (", or auto: the fastest of the CPU backends that passes the quality gate on this machine "
-                           "(measured once, then remembered)" if "auto" in choices else ""))
-    g.add_argument("--device", default=None, help="device of the PyTorch reference (cpu, cuda; default cpu)")
+                   help="onnxruntime (default, CPU), openvino (CPU, bf16 where the CPU has it), cuda (GPU with "
+                        "PyTorch: device-resident buffers, CUDA graphs, bf16), tensorrt (GPU; restok build first)"
+                        + (", torch (the fp32 reference)" if "torch" in choices else "")
+                        + (", or auto: the fastest configuration that passes the quality gate on this machine "
+                           "(the cuda backend where a GPU is visible; measured once, then remembered)"
+                           if "auto" in choices else ""))
+    g.add_argument("--device", default=None,
+                   help="device of the backends PyTorch runs: the torch reference (default cpu) and the cuda "
+                        "backend (default cuda; cpu to debug it)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
-    if "openvino" in choices:
-        g.add_argument("--compute-precision", choices=("auto", "fp32", "bf16"), default=None,
-                       help="openvino: fp32, or bf16 on CPUs with bf16 units (AVX-512 BF16, AMX); auto: bf16 where "
-                            "the CPU has it (default auto). Gated: restok check --backend openvino")
+    if {"openvino", "cuda"} & set(choices):
+        g.add_argument("--compute-precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                       help="openvino: fp32, or bf16 on CPUs with bf16 units (AVX-512 BF16, AMX; auto: bf16 where "
+                            "the CPU has it); cuda: bf16 (auto on a GPU), fp16 or fp32. Gated against the fp32 "
+                            "graphs: restok check --backend openvino|cuda")
+    if set(GPU_BACKENDS) & set(choices):
+        g.add_argument("--no-cuda-graphs", action="store_true",
+                       help="cuda/tensorrt: launch every kernel instead of replaying CUDA graphs (debugging)")
+        g.add_argument("--warmup", action="store_true",
+                       help="cuda/tensorrt: capture the CUDA graph of every batch bucket at start-up instead of "
+                            "on first use (steady latency from the first request)")
     add_verify_arg(g)
 
 
@@ -150,12 +169,12 @@ def read_manifest(folder, args):
 
 def add_sampling_args(p: argparse.ArgumentParser, classes: bool = True) -> None:
     """The sampling group: --seed, then one flag per SamplingParams setting (its default, help and bounds)."""
-    from restok.sampling_params import SEED_LIMIT, SamplingParams
+    from restok.sampling_params import SamplingParams
 
     g = p.add_argument_group("sampling (defaults: the paper's gFID 2.34 settings)")
     if classes:
         g.add_argument("--classes", type=non_negative_int, nargs="+", help="class ids, one image each (default: 0..7 or fewer)")
-    g.add_argument("--seed", type=_int_in(0, SEED_LIMIT - 1), default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="random seed; the same seed gives the same images on every backend and batch size (default 0)")
     for s in SamplingParams.settings():
         g.add_argument(s.flag, type=s.parse, default=s.default, metavar=s.name.upper() if not s.choices else None,
@@ -174,18 +193,37 @@ def sampling_from(args):
     return SamplingParams(**{s.name: getattr(args, s.name) for s in SamplingParams.settings()})
 
 
+def backend_options(backend: str, device: str | None = None, compute_precision: str | None = None,
+                    cuda_graphs: bool = True, warmup: bool = False) -> dict:
+    """The options a backend takes, with their defaults (the one place that says which backend takes which)."""
+    graphs = {"cuda_graphs": cuda_graphs, "warmup": warmup}
+    if backend == "openvino":
+        return {"compute_precision": compute_precision or "auto"}
+    if backend == "torch":
+        return {"device": device or "cpu"}
+    if backend == "cuda":
+        return {"device": device or "cuda", "compute_precision": compute_precision or "auto", **graphs}
+    if backend == "tensorrt":
+        return graphs
+    return {}
+
+
 def check_runtime_args(args) -> dict:
     """Backend options; an option the chosen backend would ignore is an error."""
-    if args.device is not None and args.backend != "torch" and getattr(args, "command", "") != "check":
-        raise CLIError(f"--device applies to the torch backend only (the {args.backend} backend chooses its own device)")
-    if args.threads is not None and args.backend == "tensorrt":
-        raise CLIError("--threads applies to CPU backends; the tensorrt backend runs on the GPU")
+    b = args.backend
+    if args.device is not None and b not in ("torch", "cuda") and getattr(args, "command", "") != "check":
+        raise CLIError(f"--device applies to the torch and cuda backends (the {b} backend chooses its own device)")
+    if args.threads is not None and b in GPU_BACKENDS:
+        raise CLIError(f"--threads applies to CPU backends; the {b} backend runs on the GPU")
     cp = getattr(args, "compute_precision", None)
-    if cp is not None and args.backend != "openvino":
-        raise CLIError("--compute-precision applies to the openvino backend")
-    if args.backend == "openvino":
-        return {"compute_precision": cp or "auto"}
-    return {"device": args.device or "cpu"} if args.backend == "torch" else {}
+    if cp is not None and b not in ("openvino", "cuda"):
+        raise CLIError("--compute-precision applies to the openvino and cuda backends")
+    if cp == "fp16" and b == "openvino":
+        raise CLIError("--compute-precision fp16 applies to the cuda backend; openvino computes in fp32 or bf16")
+    graph_flags = [f for f in ("no_cuda_graphs", "warmup") if getattr(args, f, False)]
+    if graph_flags and b not in GPU_BACKENDS:
+        raise CLIError(f"--{graph_flags[0].replace('_', '-')} applies to the cuda and tensorrt backends")
+    return backend_options(b, args.device, cp, not getattr(args, "no_cuda_graphs", False), getattr(args, "warmup", False))
 
 
 def resolve_backend(args, folder, manifest) -> tuple[str, dict]:

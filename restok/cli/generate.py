@@ -64,7 +64,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from restok.fileutil import staged
-    from restok.images import make_grid, save_png, to_uint8
+    from restok.images import make_grid, save_png
     from restok.runtime import Pipeline
 
     sampling = sampling_from(args)
@@ -83,13 +83,13 @@ def run(args) -> int:
         images, tokens, step_times, t_dec, t_fused, t_in = [], [], np.zeros(m.num_steps), 0.0, 0.0, 0.0
         with tqdm(total=len(classes), desc=f"generating ({backend})", unit="img", file=sys.stderr,
                   disable=None) as bar:
-            for g in pipe.runs(classes, sampling, seed=args.seed):
+            for g in pipe.runs(classes, sampling, seed=args.seed, output="uint8"):
                 if g.step_seconds:
                     step_times += g.step_seconds
                 t_dec += g.decode_seconds
                 t_fused += g.fused_seconds
                 t_in += g.input_seconds
-                images.append(to_uint8(g.images))
+                images.append(g.images)
                 tokens.append(g.tokens)
                 bar.update(len(g.tokens))
     images = np.concatenate(images)
@@ -116,7 +116,7 @@ def run(args) -> int:
         (stage / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     write_json(summary, args.json)
     if args.json != "-":
-        timing = (f"{summary['seconds']['generate']}s generate + decode (one CUDA graph)" if fused else
+        timing = (f"{summary['seconds']['generate']}s generate + decode in one fused run" if fused else
                   f"{summary['seconds']['generate']}s generate, {summary['seconds']['decode']}s decode")
         say(args, f"wrote {len(files)} images and {summary['grid']} ({timing}, {backend})")
     return EXIT_OK

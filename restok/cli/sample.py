@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
+from restok.cli.common import (EXIT_OK, GPU_BACKENDS, CLIError, add_artifacts_arg, add_export_args, add_json_arg, add_model_args,
                                add_runtime_args, add_sampling_args, artifacts, check_runtime_args, finite_float,
                                non_empty_path, positive_int, sampling_from, say, write_json)
 
@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     r.add_argument("--ray", action="store_true", help="run the missing shards as a Ray Data map_batches job, one "
                    "backend per actor (local Ray, or RAY_ADDRESS); needs pip install 'restok[ray]'")
     r.add_argument("--actors", type=positive_int, default=2, help="actors (default 2)")
-    r.add_argument("--gpus-per-actor", type=finite_float, default=0.0, help="GPUs per actor (default 0)")
+    r.add_argument("--gpus-per-actor", type=finite_float, default=None,
+                   help="GPUs per actor (default 1 with --backend cuda or tensorrt, else 0)")
     add_json_arg(p, "a summary")
     p.set_defaults(func=run)
 
@@ -53,7 +54,7 @@ def run(args) -> int:
 
     if args.ray and args.shard != (0, 1):
         raise CLIError("--shard splits a job between schedulers; --ray distributes it itself: use one of them")
-    if not args.ray and (args.actors != 2 or args.gpus_per_actor):
+    if not args.ray and (args.actors != 2 or args.gpus_per_actor is not None):
         raise CLIError("--actors and --gpus-per-actor apply to --ray")
     sampling = sampling_from(args)
     opts = check_runtime_args(args)
@@ -69,7 +70,8 @@ def run(args) -> int:
                     args.backend, args.threads)
     prepare(job)
     before = len(job.pending())
-    done = run_ray(job, args.actors, gpus_per_actor=args.gpus_per_actor) if args.ray else \
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else float(args.backend in GPU_BACKENDS)
+    done = run_ray(job, args.actors, gpus_per_actor=gpus, **opts) if args.ray else \
         run_local(job, args.shard, **opts)
     path = assemble(job)
     summary = {"out": args.out, "images": len(job.labels), "shards": job.num_shards, "done_now": len(done),

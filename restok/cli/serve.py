@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from restok.cli.common import (EXIT_OK, CLIError, add_artifacts_arg, add_export_args, add_model_args,
+from restok.cli.common import (EXIT_OK, GPU_BACKENDS, CLIError, add_artifacts_arg, add_export_args, add_model_args,
                                add_runtime_args, artifacts, check_runtime_args, finite_float, non_negative_int,
                                positive_int)
 
@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
     r.add_argument("--replicas", type=positive_int, default=1, help="replicas, each with its own backend (default 1)")
     r.add_argument("--max-replicas", type=positive_int, default=None,
                    help="autoscale between --replicas and this many replicas on queued requests")
-    r.add_argument("--gpus-per-replica", type=finite_float, default=0.0, help="GPUs per replica (default 0; 1 with "
-                   "--backend tensorrt on GPU clusters)")
+    r.add_argument("--gpus-per-replica", type=finite_float, default=None,
+                   help="GPUs per replica (default 1 with --backend cuda or tensorrt, else 0)")
     r.add_argument("--cpus-per-replica", type=finite_float, default=1.0, help="CPUs per replica (default 1)")
     p.set_defaults(func=run)
 
@@ -64,14 +64,15 @@ def run(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ImportError(f"restok serve needs the serve extra: pip install 'restok[serve]' ({e})") from e
-    if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
+    if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica is not None):
         raise CLIError("--replicas, --max-replicas and --gpus-per-replica apply to --ray")
     cfg = config_from(args)
     if args.ray:
         from restok.serving.ray_serve import run_ray
 
+        gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.backend in GPU_BACKENDS)
         run_ray(cfg, host=args.host, port=args.port, replicas=args.replicas, max_replicas=args.max_replicas,
-                gpus=args.gpus_per_replica, cpus=args.cpus_per_replica)
+                gpus=gpus, cpus=args.cpus_per_replica)
     else:
         from restok.serving.app import serve
 

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -222,7 +222,6 @@ def _export_into(staging, tokenizer, generator, opts, source, progress, on_graph
 
 
 def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progress, on_graph) -> Manifest:
-    schedule = gen.schedule
     # (graph name, folder, module, opset): the generator, its past/present fallback, the tokenizer graphs
     graphs = [("generator", "generator", GeneratorGraph(gen, opts.guided, opts.kv_cache), opts.generator_opset)]
     if opts.kv_cache == "inplace" and opts.concat_fallback:
@@ -259,12 +258,29 @@ def _export_graphs(staging, tok, gen, tokenizer, generator, opts, source, progre
             files[rel] = {}
             specs[name] = GraphSpec(name.split(".")[0], rel, ins, outs, opset)
     fallback = specs.pop("generator.concat", None)
+    return replace(describe_export(tokenizer, generator, opts, source, graphs=specs), files=files, weights=weights,
+                   fallback={"kv_cache": "concat", "opset": FALLBACK_OPSET, "generator": fallback.to_dict()} if fallback else {},
+                   source={**source, "tokenizer_sha256": state_dict_sha256(tokenizer),
+                           "generator_sha256": state_dict_sha256(generator)},
+                   tools=_tool_versions())
+
+
+def describe_export(tokenizer: ResTok, generator: HARGenerator, opts: ExportOptions, source: dict,
+                    graphs: dict[str, GraphSpec] | None = None) -> Manifest:
+    """The manifest an export of these models with ``opts`` records, without writing a graph: what the cuda
+    backend needs to run models that exist only as a ``source`` (a preset with seeded weights, say an L
+    model on a GPU machine that has no room or time for its ONNX files). ``graphs``: the written graphs'
+    specs; default: the modules' signatures (no files)."""
+    opts.validate()
+    if graphs is None:
+        modules = [("generator", GeneratorGraph(generator, opts.guided, opts.kv_cache), opts.generator_opset),
+                   ("decoder", DecoderGraph(tokenizer), opts.tokenizer_opset)]
+        if opts.encoder:
+            modules.append(("encoder", EncoderGraph(tokenizer), opts.tokenizer_opset))
+        graphs = {name: GraphSpec(name, "", *module.signature(), opset) for name, module, opset in modules}
     return Manifest(
         precision=opts.precision, max_batch=opts.max_batch, guided=opts.guided, opset=opts.generator_opset,
-        kv_cache=opts.kv_cache,
-        fallback={"kv_cache": "concat", "opset": FALLBACK_OPSET, "generator": fallback.to_dict()} if fallback else {},
-        schedule=schedule.to_dict(), tokenizer=tokenizer.cfg.to_dict(), generator=generator.cfg.to_dict(),
-        graphs=specs, files=files, weights=weights,
-        source={**source, "tokenizer_sha256": state_dict_sha256(tokenizer), "generator_sha256": state_dict_sha256(generator)},
-        tools=_tool_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        kv_cache=opts.kv_cache, schedule=generator.schedule.to_dict(), tokenizer=tokenizer.cfg.to_dict(),
+        generator=generator.cfg.to_dict(), graphs=graphs, source=dict(source),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

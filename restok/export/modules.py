@@ -50,6 +50,21 @@ def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, start: torch.Tenso
     return torch.cat([cache[:, :, :s], update, cache[:, :, s + update.shape[2]:]], dim=2)
 
 
+class StaticKV:
+    """A preallocated cache [R, H, seq_len, hd] written in place at a pass's positions, ``start`` a Python int
+    (each pass is captured as its own CUDA graph): how the CUDA backend runs the generator. The keys a pass
+    sees are every position up to its last one, as in the two exported forms."""
+
+    def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor):
+        self.k, self.v = cache_k, cache_v
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end].copy_(k)
+        self.v[:, :, start:end].copy_(v)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class ScatterKV:
     """The fixed-size cache: the whole cache [R, H, max_len, hd] comes in, is updated at this pass's positions
     and goes out (bound to the same buffer at run time: an in-place update)."""
@@ -68,8 +83,8 @@ class ScatterKV:
 def _clip_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
     """ids clamped to [0, size) with Where (not clamp: TensorRT's Clip takes floats only, and the exporter's
     optimizer turns integer Max/Min with constants into Clip)."""
-    hi = torch.where(ids < size, ids, ids.new_tensor(size - 1))
-    return torch.where(hi < 0, hi.new_tensor(0), hi)
+    hi = torch.where(ids < size, ids, size - 1)  # Python scalars: no host-to-device copy (CUDA-graph capture)
+    return torch.where(hi < 0, 0, hi)
 
 
 

@@ -87,11 +87,9 @@ def prepare(job: SampleJob) -> None:
 
 def run_shard(pipe, job: SampleJob, s: int) -> int:
     """Generate shard ``s`` (image i: stream i of the job's seed) and write it whole; returns its image count."""
-    from restok.images import to_uint8
-
     idx = list(job.shard_range(s))
     labels = [job.labels[i] for i in idx]
-    images = [to_uint8(g.images) for g in pipe.runs(labels, job.sampling, seed=job.seed, noise_start=idx[0])]
+    images = [g.images for g in pipe.runs(labels, job.sampling, seed=job.seed, noise_start=idx[0], output="uint8")]
     buf = io.BytesIO()
     np.savez(buf, images=np.concatenate(images), labels=np.asarray(labels), indices=np.asarray(idx))
     atomic_write_bytes(job.shard_path(s), buf.getvalue())
@@ -119,11 +117,11 @@ def run_local(job: SampleJob, shard: tuple[int, int] = (0, 1), progress: bool = 
 class _ShardWriter:
     """A Ray Data actor: one backend, any number of shards."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, options: dict):
         from restok.runtime import Pipeline
 
         self.job = SampleJob(**{**job, "sampling": SamplingParams(**job["sampling"])})
-        self.pipe = Pipeline(self.job.artifacts, self.job.backend, threads=self.job.threads or 1)
+        self.pipe = Pipeline(self.job.artifacts, self.job.backend, threads=self.job.threads or 1, **options)
 
     def __call__(self, batch: dict) -> dict:
         for s in batch["shard"]:
@@ -131,7 +129,8 @@ class _ShardWriter:
         return {"shard": np.asarray(batch["shard"])}
 
 
-def run_ray(job: SampleJob, actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0) -> list[int]:
+def run_ray(job: SampleJob, actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+            **backend_options) -> list[int]:
     """The missing shards as a Ray Data job: ``map_batches`` over shard ids with one backend per actor (GPU
     actors with ``gpus_per_actor``). Uses the running Ray (``ray.init`` or RAY_ADDRESS), else starts one."""
     import ray
@@ -143,7 +142,7 @@ def run_ray(job: SampleJob, actors: int = 2, cpus_per_actor: float = 1.0, gpus_p
         ray.init(num_cpus=max(2 * actors, 2), include_dashboard=False, log_to_driver=False)
     spec = {**asdict(job), "sampling": job.sampling.to_dict()}
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(_ShardWriter, fn_constructor_kwargs={"job": spec}, batch_size=1, concurrency=actors,
+    ds = ds.map_batches(_ShardWriter, fn_constructor_kwargs={"job": spec, "options": backend_options}, batch_size=1, concurrency=actors,
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
     return sorted(int(r["shard"]) for r in ds.take_all())
 

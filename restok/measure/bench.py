@@ -46,7 +46,7 @@ def _stats(x: list[float]) -> dict:
 
 def run_bench(folder: str | Path, backends: list[str], batches: list[int] | None = None, runs: int = 5, warmup: int = 1,
               threads: int | None = None, sampling: SamplingParams = SamplingParams(), seed: int = 0,
-              gap: float = 0.5, device: str = "cpu", manifest: Manifest | None = None) -> list[dict]:
+              gap: float = 0.5, options: dict[str, dict] | None = None, manifest: Manifest | None = None) -> list[dict]:
     """One result per batch size; the backends are loaded once and reused for every batch size.
 
     ``gap`` seconds of idle time separate consecutive runs, so that the worker threads of the backend
@@ -61,7 +61,7 @@ def run_bench(folder: str | Path, backends: list[str], batches: list[int] | None
     for name in backends:
         before = rss_mb()
         t0 = time.perf_counter()
-        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, device=device)
+        pipes[name] = Pipeline(folder, name, threads=threads, manifest=m, **(options or {}).get(name, {}))
         info[name] = {"load_seconds": round(time.perf_counter() - t0, 3), "rss_added_mb": round(rss_mb() - before, 1),
                       "precision": getattr(pipes[name].backend, "precision", m.precision)}
     try:

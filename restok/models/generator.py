@@ -187,7 +187,8 @@ class HARGenerator(nn.Module):
         h = self.tok_dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i], start)
-        return self.output(self.norm(h)).float()
+        # a model whose head was kept in the wider dtype (the CUDA backend's bf16/fp16) normalizes in it too
+        return self.output(self.norm(h.to(self.output.weight.dtype))).float()
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, schedule: HARSchedule | None = None) -> torch.Tensor:

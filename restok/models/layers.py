@@ -73,8 +73,10 @@ class GroupNorm(nn.GroupNorm):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention; below float32 the scores and softmax are computed in float32."""
-    if q.dtype == torch.float32:
+    """Scaled dot-product attention. Exported below float32, the scores and softmax are spelled out in
+    float32 (an fp16 graph keeps its softmax in fp32); run eagerly, SDPA, whose fused kernels accumulate the
+    softmax in float32 themselves."""
+    if q.dtype == torch.float32 or not torch.onnx.is_in_onnx_export():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
     if mask is not None:

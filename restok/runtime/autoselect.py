@@ -1,7 +1,8 @@
-"""``--backend auto``: the fastest CPU configuration that passes the quality gate on this machine.
+"""``--backend auto``: the fastest configuration that passes the quality gate on this machine.
 
 Candidates: ONNX Runtime (the reference for the artifacts), OpenVINO fp32 and OpenVINO bf16 where the
-``openvino`` package is installed (bf16 where the CPU has bf16 units). Each is gated against ONNX Runtime
+``openvino`` package is installed (bf16 where the CPU has bf16 units), and the cuda backend in bf16 where
+PyTorch sees a GPU and the export records the weights it came from. Each is gated against ONNX Runtime
 on the same artifacts (sampled-token agreement >= 95%, decoder PSNR >= 40 dB over ``GATE_IMAGES`` images)
 and timed (median of 3 runs); the fastest that passes wins. The measurement is remembered per user, keyed
 by the artifacts' content, the CPU and the packages' versions, so it runs once per machine and export.
@@ -42,6 +43,8 @@ def candidates(manifest: Manifest) -> list[tuple[str, str, dict]]:
     out = [("onnxruntime", "onnxruntime", {})]
     if manifest.precision == "int8-dynamic":
         return out  # ONNX Runtime's contrib op: nothing else reads these graphs
+    if _gpu_visible() and manifest.source.get("kind") in ("preset", "bundled", "checkpoint"):
+        out.append(("cuda bf16", "cuda", {"device": "cuda", "compute_precision": "bf16"}))
     try:
         from restok.runtime.openvino_backend import cpu_has_bf16
 
@@ -54,14 +57,26 @@ def candidates(manifest: Manifest) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _gpu_visible() -> bool:
+    """PyTorch is installed and sees a CUDA device (torch is imported only when it is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _key(folder: Path, manifest: Manifest, labels: list[str]) -> str:
     versions = {}
-    for mod in ("onnxruntime", "openvino"):
+    for mod in ("onnxruntime", "openvino", "torch"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    doc = {"files": {k: v["sha256"] for k, v in sorted(manifest.files.items())}, "cpu": _cpu(),
+    gpu = __import__("torch").cuda.get_device_name(0) if any(c.startswith("cuda") for c in labels) else None
+    doc = {"files": {k: v["sha256"] for k, v in sorted(manifest.files.items())}, "cpu": _cpu(), "gpu": gpu,
            "cores": os.cpu_count(), "versions": versions, "candidates": labels, "gate": [GATE_IMAGES,
            MIN_TOKEN_AGREEMENT, MIN_PSNR_DB]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
@@ -126,7 +141,7 @@ def choose_backend(folder: str | Path, manifest: Manifest, threads: int | None =
     best = min(passing, key=lambda r: r["seconds_per_image"] or 0.0)
     ref = next(r for r in results if r["backend"] == "onnxruntime")
     if len(results) == 1:
-        reason = "the only CPU backend for these artifacts here"
+        reason = "the only backend for these artifacts here"
     else:
         speed = (ref["seconds_per_image"] or 0) / max(best["seconds_per_image"] or 1e-9, 1e-9)
         reason = (f"{speed:.2f}x onnxruntime; gate: {best['token_agreement']:.1%} tokens, "

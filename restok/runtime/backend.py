@@ -23,6 +23,7 @@ BACKENDS = {
     "torch": "restok.runtime.torch_backend:TorchBackend",
     "tensorrt": "restok.tensorrt.backend:TensorRTBackend",
     "openvino": "restok.runtime.openvino_backend:OpenVINOBackend",
+    "cuda": "restok.runtime.cuda_backend:CudaBackend",
 }
 
 
@@ -35,8 +36,13 @@ class Backend(abc.ABC):
         self.folder = Path(folder)
         self.manifest = manifest
         self.threads = threads
-        self.plan = BindingPlan(manifest)
+        self.plan = self.binding_plan(manifest)
         self.batch = 0  # images in the current run (set_inputs)
+
+    def binding_plan(self, manifest: Manifest) -> BindingPlan:
+        """The plan this backend allocates and binds: the export's graphs' (a backend that runs something
+        else, such as the CUDA backend's modules, says which)."""
+        return BindingPlan(manifest)
 
     @abc.abstractmethod
     def set_inputs(self, run: RunInputs) -> None:
@@ -79,9 +85,10 @@ class Backend(abc.ABC):
                                 "without it to encode images")
         return self.run_graph("encoder", {"images": np.ascontiguousarray(images, dtype=np.float32)})["tokens"]
 
-    def run_fused(self, decode: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def run_fused(self, decode: bool = True, output: str = "float") -> tuple[np.ndarray, np.ndarray | None] | None:
         """Run every pass (and the decoder) in one go -> (tokens [b, N], images or None), or None when the
-        backend runs pass by pass (then the pipeline calls run_pass)."""
+        backend runs pass by pass (then the pipeline calls run_pass). ``output``: images as float32
+        [b, 3, S, S], or "uint8" [b, S, S, 3] as ``restok.images.to_uint8`` makes them."""
         return None
 
     def close(self) -> None:

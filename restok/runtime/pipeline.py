@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from restok.images import to_uint8
 from restok.manifest import ArtifactError, Manifest
 from restok.noise import NOISE_KEYS, NOISE_PRIME, noise_keys
 from restok.runtime.backend import Backend, create_backend
@@ -29,7 +30,7 @@ __all__ = ["Generation", "Pipeline", "SamplingParams"]
 @dataclass
 class Generation:
     tokens: np.ndarray  # int64 [B, N]
-    images: np.ndarray | None  # float32 [B, 3, S, S], not clamped
+    images: np.ndarray | None  # float32 [B, 3, S, S], not clamped; or uint8 [B, S, S, 3] (output="uint8")
     step_seconds: list[float] = field(default_factory=list)  # per pass, summed over the runs
     decode_seconds: float = 0.0
     step_logits: list[np.ndarray] | None = None
@@ -124,12 +125,14 @@ class Pipeline:
     # --------------------------------------------------------------- generate
     def runs(self, labels, sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
              seed: int = 0, noise_start: int = 0, keys: np.ndarray | None = None, decode: bool = True,
-             keep_logits: bool = False,
+             output: str = "float", keep_logits: bool = False,
              on_step: Callable[[int, Backend], None] | None = None) -> Iterator[Generation]:
         """The generations of ``labels`` in runs of at most max_batch images, in order. Image k of the call uses noise stream ``noise_start + k`` of ``seed``
         (or row k of ``keys``, int32 [n, NOISE_KEYS]) and ``sampling`` (one SamplingParams for all, or one
-        per image). ``on_step(i, backend)`` is called just before pass i of each run, when its inputs are in
-        place (``backend.pass_feeds(i)``); ``keep_logits`` keeps every pass's logits (one run only).
+        per image). ``output``: images as float32 [n, 3, S, S] (not clamped), or "uint8" [n, S, S, 3] as
+        ``restok.images.to_uint8`` makes them (on the device where the backend can: a quarter of the bytes).
+        ``on_step(i, backend)`` is called just before pass i of each run, when its inputs are in place
+        (``backend.pass_feeds(i)``); ``keep_logits`` keeps every pass's logits (one run only).
         Everything is checked here, before the iterator runs anything."""
         labels = self._labels(labels)
         n = labels.shape[0]
@@ -137,6 +140,8 @@ class Pipeline:
         given = self._keys(n, seed, noise_start, keys)
         if any(p.guided for p in params) and not self.manifest.guided:
             raise ArtifactError("these artifacts were exported without guidance (--no-cfg); re-export to use cfg_scale > 1")
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
         if keep_logits and n > self.max_batch:
             raise ValueError(f"keep_logits keeps one run's logits: at most {self.max_batch} images, got {n}")
 
@@ -146,18 +151,20 @@ class Pipeline:
                 t0 = time.perf_counter()
                 k = given[start:end] if given is not None else noise_keys(seed, end - start, start=noise_start + start)
                 run = self._run_inputs(labels[start:end], params[start:end], k)
-                yield self._run(run, time.perf_counter() - t0, decode, keep_logits, on_step)
+                yield self._run(run, time.perf_counter() - t0, decode, output, keep_logits, on_step)
 
         return each_run()
 
     def generate(self, labels, sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
                  seed: int = 0, noise_start: int = 0, keys: np.ndarray | None = None, decode: bool = True,
-                 keep_logits: bool = False, on_step: Callable[[int, Backend], None] | None = None) -> Generation:
-        """Any number of images (``runs``, joined): tokens int64 [n, N] and images float32 [n, 3, S, S]."""
+                 output: str = "float", keep_logits: bool = False,
+                 on_step: Callable[[int, Backend], None] | None = None) -> Generation:
+        """Any number of images (``runs``, joined): tokens int64 [n, N] and images [n, ...]."""
         return Generation.concat(list(self.runs(labels, sampling, seed=seed, noise_start=noise_start, keys=keys,
-                                                decode=decode, keep_logits=keep_logits, on_step=on_step)))
+                                                decode=decode, output=output, keep_logits=keep_logits,
+                                                on_step=on_step)))
 
-    def _run(self, run: RunInputs, t_keys: float, decode: bool, keep_logits: bool,
+    def _run(self, run: RunInputs, t_keys: float, decode: bool, output: str, keep_logits: bool,
              on_step: Callable[[int, Backend], None] | None) -> Generation:
         """One backend run of at most max_batch images; results are copies (the buffers serve the next run)."""
         with self._lock:
@@ -168,7 +175,7 @@ class Pipeline:
             b, N = run.batch, self.manifest.num_tokens
             if not keep_logits and on_step is None:
                 t0 = time.perf_counter()
-                fused = be.run_fused(decode)
+                fused = be.run_fused(decode, output)
                 if fused is not None:  # one CUDA-graph replay: no per-pass timings
                     tokens, images = fused
                     return Generation(np.array(tokens), None if images is None else np.array(images), [], 0.0, None,
@@ -188,6 +195,8 @@ class Pipeline:
             if decode:
                 t0 = time.perf_counter()
                 images = np.array(be.decode(tokens))
+                if output == "uint8":
+                    images = to_uint8(images)
                 dt = time.perf_counter() - t0
             return Generation(tokens, images, times, dt, logits, input_seconds=t_in)
 

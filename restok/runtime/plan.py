@@ -77,6 +77,30 @@ class RunInputs:
     def batch(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def needs_top_k(self) -> bool:
+        """Some image keeps only its top k tokens (else the sampler may skip the top-k filter)."""
+        return bool((self.top_k > 0).any())
+
+    @property
+    def needs_top_p(self) -> bool:
+        """Some image keeps a nucleus below mass 1 (else the sampler may skip the top-p filter)."""
+        return bool((self.top_p < 1.0).any())
+
+    def padded(self, batch: int) -> "RunInputs":
+        """This run with images appended up to ``batch`` (class 0, no guidance, no filters, zero keys): the
+        inputs of a captured graph for a larger batch, whose extra images are computed and thrown away.
+        Every image is computed on its own row, so the real images do not depend on the padding."""
+        extra = batch - self.batch
+        if extra < 0:
+            raise ValueError(f"cannot pad a run of {self.batch} images to {batch}")
+        if extra == 0:
+            return self
+        pad = lambda a, v: np.concatenate([a, np.full((extra, *a.shape[1:]), v, a.dtype)])  # noqa: E731
+        return RunInputs(pad(self.labels, 0), pad(self.noise_keys, 0),
+                         np.concatenate([self.cfg_scales, np.ones((self.cfg_scales.shape[0], extra), np.float32)], 1),
+                         pad(self.temperature, 1.0), pad(self.top_k, 0), pad(self.top_p, 1.0))
+
 
 @dataclass
 class BindingPlan:

@@ -73,11 +73,9 @@ class Service:
 
     def _run_batch(self, jobs: list[ImageJob]):
         """On the backend thread: one run of the pipeline for the jobs' images."""
-        from restok.images import to_uint8
-
         g = self.pipe.generate([j.label for j in jobs], [j.params for j in jobs],
-                               keys=np.stack([j.keys for j in jobs]))
-        return g.tokens, to_uint8(g.images), g.step_seconds
+                               keys=np.stack([j.keys for j in jobs]), output="uint8")
+        return g.tokens, g.images, g.step_seconds
 
     def warm_up(self) -> None:
         """One run at the batch limit (ONNX Runtime plans its memory; CUDA-graph backends capture)."""

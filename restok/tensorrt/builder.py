@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import sys
 import warnings
@@ -29,6 +30,7 @@ from pathlib import Path
 from restok.contract import GraphSpec, batch_dims, pass_dims
 from restok.fileutil import atomic_path, atomic_write_bytes
 from restok.manifest import Manifest
+from restok.tensorrt.cuda import compute_capability, gpu_identity
 from restok.tensorrt.lint import tensorrt_line, tensorrt_summary
 
 BUILD_INFO = "build.json"
@@ -48,6 +50,7 @@ class BuildOptions:
     timing_cache: str = ""  # default: <engine folder>/timing.cache (one per TensorRT version and GPU)
     opt_batch: int | None = None  # the batch TensorRT tunes for; default min(8, max batch)
     encoder: bool = False  # the encoder engine is built only when asked (generation never uses it)
+    log_level: str | None = None  # TensorRT's logger: error, warning, info, verbose (default: log_level())
 
     def validate(self, m: Manifest | None = None) -> None:
         if not 0 <= self.opt_level <= 5:
@@ -77,20 +80,30 @@ def import_tensorrt():
     return trt
 
 
-def gpu_identity() -> dict:
-    """{'name', 'compute_capability'} of device 0 through the CUDA runtime (cuda-python)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6 layout
-        except ImportError as e:
-            raise ImportError("cuda-python is not installed: pip install 'cuda-python>=12.6,<13'") from e
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise EngineError(f"no usable CUDA device (cudaGetDeviceProperties: {err})")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.strip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
+LOG_LEVELS = ("error", "warning", "info", "verbose")
+
+
+def log_level(name: str | None = None) -> str:
+    """TensorRT's log level: ``name``, else $RESTOK_TENSORRT_LOG_LEVEL, else warning."""
+    level = (name or os.environ.get("RESTOK_TENSORRT_LOG_LEVEL") or "warning").lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"TensorRT log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def trt_logger(trt, level: str | None = None):
+    return trt.Logger(getattr(trt.Logger, log_level(level).upper()))
+
+
+def check_gpu(m: Manifest, gpu: dict) -> None:
+    """Refuse artifacts whose precision this GPU cannot run, before a build fails with an unrelated message:
+    FP8 (E4M3) tensor cores exist from compute capability 8.9 (Ada, Hopper); an A100 (8.0) or a Jetson Orin
+    (8.7) has none, and TensorRT's builder then fails without saying why."""
+    cc = compute_capability(gpu)
+    if m.precision == "fp8" and cc < (8, 9):
+        raise EngineError(f"FP8 engines need compute capability >= 8.9 (Ada, Hopper); {gpu['name']} is "
+                          f"{gpu['compute_capability']}: make int8 or fp16 artifacts instead "
+                          "(restok calibrate --precision int8, restok export --precision fp16)")
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
@@ -282,6 +295,7 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> di
     trt = import_tensorrt()
     m = tensorrt_manifest(m, trt.__version__)
     gpu = gpu_identity()
+    check_gpu(m, gpu)
     want = ["generator", "decoder"] + (["encoder"] if opts.encoder and "encoder" in m.graphs else [])
     if opts.encoder and "encoder" not in m.graphs:
         raise EngineError("--encoder: these artifacts have no encoder graph (exported with --no-encoder)")
@@ -297,7 +311,7 @@ def build_engines(folder: str | Path, options: BuildOptions | None = None) -> di
     d = engine_dir(folder, trt.__version__, gpu)
     d.mkdir(parents=True, exist_ok=True)
     (d / BUILD_INFO).unlink(missing_ok=True)  # engines without a matching build.json are never used
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt, opts.log_level)
     builder = trt.Builder(logger)
     tc_path = Path(opts.timing_cache) if opts.timing_cache else d / "timing.cache"
     ob = opts.batch_for(m)

@@ -1,80 +1,20 @@
-"""restok serve: a real server process on a free port, spoken to over HTTP (images byte-identical to restok
-generate, every error status, the API key, /metrics, SIGTERM draining), the load generator, the backend-error
-path, and offline sampling jobs (sharded, resumable after SIGKILL)."""
+"""restok serve (restok.serving.app): a real server process on a free port, spoken to over HTTP (images
+byte-identical to restok generate, every error status, the API key, /metrics, deadlines and disconnects,
+SIGTERM draining), and the backend-error path in-process."""
 
 import base64
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: pip install 'restok[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'restok[serve]'")
 
 from restok.cli import main  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``restok serve`` in a subprocess on 127.0.0.1; waits until /health/ready says yes."""
-
-    def __init__(self, artifacts, *args, key=KEY):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        cmd = [sys.executable, "-m", "restok", "serve", "--artifacts", str(artifacts), "--port", str(self.port), *args]
-        if key:
-            cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
-            try:
-                if httpx.get(self.url + "/health/ready", headers=self.headers, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("the server did not become ready")
-
-    def post(self, body, headers=None, timeout=120):
-        return httpx.post(self.url + "/v1/images/generations", json=body, timeout=timeout,
-                          headers=self.headers if headers is None else headers)
-
-    def get(self, path, headers=None):
-        return httpx.get(self.url + path, headers=self.headers if headers is None else headers, timeout=30)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_artifacts):
-    s = Server(tiny_artifacts, "--batch-limit", "4", "--max-wait-ms", "30", "--max-queue", "12")
-    yield s
-    s.stop()
+from tests.support.server import Server  # noqa: E402
 
 
 def _cli_pngs(artifacts, tmp_path, classes, seed):
@@ -189,53 +129,3 @@ def test_a_failing_backend_fails_its_requests_only(tiny_artifacts):
         bad = client.post("/v1/images/generations", json={"class_labels": [9]})
         assert bad.status_code == 500 and "device lost" in bad.text
         assert client.post("/v1/images/generations", json={"class_labels": [1]}).status_code == 200
-
-
-def test_loadtest_reports(server, tmp_path):
-    out = tmp_path / "load.json"
-    assert main(["loadtest", "--url", server.url, "--concurrency", "4", "--requests", "12", "--api-key", KEY,
-                 "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["ok"] == 12 and r["errors_by_status"] == {} and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"] > 0
-    assert sum(r["server_batch_sizes"].values()) >= 3
-
-
-# --------------------------------------------------------------------------------- sampling jobs
-
-
-def test_sample_job_shards_resume_and_split(tiny_artifacts, tmp_path):
-    """In-process, split in two with --shard, and killed half way then resumed: the same samples.npz."""
-    base = ["sample", "--artifacts", str(tiny_artifacts), "--classes", "1", "2", "3", "--per-class", "8",
-            "--shard-size", "4", "--seed", "5"]
-    assert main(base + ["--out", str(tmp_path / "one")]) == 0
-    ref = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
-    index = json.loads((tmp_path / "one" / "samples.json").read_text())
-    assert ref.shape == (24, 32, 32, 3) and ref.dtype == np.uint8
-    assert [(d["class"], d["index"], d["seed"]) for d in index["index"][:9:8]] == [(1, 0, 5), (2, 8, 5)]
-    # image 10 equals restok generate's image for the same seed and index
-    from restok.images import to_uint8
-    from restok.runtime import Pipeline
-
-    g = Pipeline(tiny_artifacts).generate([2], seed=5, noise_start=10)
-    assert np.array_equal(to_uint8(g.images)[0], ref[10])
-    split = tmp_path / "split"
-    assert main(base + ["--out", str(split), "--shard", "1/2"]) == 0
-    assert not (split / "samples.npz").exists()  # half the shards: nothing assembled yet
-    assert main(base + ["--out", str(split), "--shard", "0/2"]) == 0
-    assert np.array_equal(np.load(split / "samples.npz")["arr_0"], ref)
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "restok", *base, "--out", str(killed)]
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(list((killed / "shards").glob("*.npz"))) < 2:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = len(list((killed / "shards").glob("*.npz")))
-    assert 0 < done < 6 and not (killed / "samples.npz").exists()
-    assert main(base + ["--out", str(killed), "--json", str(tmp_path / "r.json")]) == 0
-    assert json.loads((tmp_path / "r.json").read_text())["already_done"] == done
-    assert np.array_equal(np.load(killed / "samples.npz")["arr_0"], ref)
-    with pytest.raises(SystemExit):
-        main(base[:-1] + ["6", "--out", str(killed), "--shard", "2/2"])
-    assert main(base[:-1] + ["6", "--out", str(killed)]) == 2  # another job's folder: refused

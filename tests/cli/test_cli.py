@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restok.cli import build_parser, main
+from restok.cli import main
 from restok.runtime import Pipeline
 
 
@@ -50,7 +50,7 @@ def test_generate_bad_input(tiny_artifacts, tmp_path, capsys):
     assert main(["generate", "--artifacts", str(tiny_artifacts), "--classes", "12", "--out", str(tmp_path / "o")]) == 2
     assert "class ids [12] are outside [0, 10)" in capsys.readouterr().err
     assert main(["generate", "--artifacts", str(tiny_artifacts), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
-    assert "--device applies to the torch backend" in capsys.readouterr().err
+    assert "--device applies to the torch and cuda backends" in capsys.readouterr().err
     assert main(["generate", "--artifacts", str(tiny_artifacts), "--preset", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert "drop --preset" in capsys.readouterr().err
 
@@ -91,26 +91,6 @@ def test_check_cli(tiny_artifacts, tmp_path):
     # an impossible threshold fails with exit code 1
     assert main(["check", "--artifacts", str(tiny_artifacts), "--images", "2", "--min-psnr", "1000",
                  "--polygraphy-dir", str(tmp_path / "pg")]) == 1
-
-
-def test_cache_exports_once(tiny_artifacts, tmp_path, monkeypatch):
-    """Without --artifacts the model is exported into the cache once, then reused."""
-    import shutil
-
-    import restok.export.cache as cache
-    from restok.cli.common import artifacts
-
-    monkeypatch.setenv("RESTOK_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def fake_export(tok, gen, out, opts, source=None, **kw):
-        calls.append(out)
-        shutil.copytree(tiny_artifacts, out)
-
-    monkeypatch.setattr(cache, "export_artifacts", fake_export)
-    args = build_parser().parse_args(["generate", "--preset", "tiny", "--max-batch", "4", "--out", str(tmp_path / "o")])
-    a, b = artifacts(args), artifacts(args)
-    assert a == b and len(calls) == 1 and str(a).startswith(str(tmp_path / "cache"))
 
 
 def test_help_lists_exit_codes(capsys):

@@ -10,6 +10,19 @@ What this verifies: restok's bookkeeping — buffers, bindings per profile and b
 copies that chain passes and gather tokens, capture/replay, in-place cache aliasing, dropped inputs, and
 that every allocation is freed. What it cannot verify: anything TensorRT itself does (parsing, kernels,
 numerics, its real API behaviour); scripts/gpu_check.sh does that on a GPU.
+
+Documented rules it enforces (a breach fails loudly here where a real GPU would give wrong results or an
+error much later):
+- a CUDA graph captured with an execution context is valid only while that context keeps the input shapes
+  it had at capture (TensorRT developer guide, CUDA graphs; NVIDIA in TensorRT issue 3798: "use one
+  execution context per captured graph"): replaying it after ``set_input_shape`` changed that context
+  fails the launch with cudaErrorIllegalState;
+- ``setTensorAddress`` takes 256-byte aligned addresses only (it returns false otherwise); cudaMalloc's
+  addresses are 256-byte aligned, as CUDA's are;
+- with ``fail_in_capture``, an enqueue during stream capture fails (an operation the capture cannot take):
+  the capture is invalidated (cudaStreamEndCapture returns cudaErrorStreamCaptureInvalidated) and the
+  error stays: every later runtime call returns it until ``cudaGetLastError`` reads and clears it;
+- ``cudaGetDeviceProperties`` reports the GPU given (name, compute capability: an sm_80 A100 has no FP8).
 """
 
 from __future__ import annotations
@@ -27,6 +40,13 @@ class _Err(IntEnum):
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+    cudaErrorIllegalState = 401
+
+
+ALIGN = 256  # cudaMalloc's alignment, and what setTensorAddress requires
+STICKY_EXEMPT = {"cudaGetLastError", "cudaGetErrorName", "cudaStreamEndCapture"}
 
 
 class FakeCudart:
@@ -36,21 +56,34 @@ class FakeCudart:
                                            cudaMemcpyDeviceToDevice=3)
     cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
 
-    def __init__(self, fail_malloc_after: int | None = None):
+    def __init__(self, fail_malloc_after: int | None = None, fail_in_capture: bool = False,
+                 gpu: tuple[str, int, int] = ("Simulated H200", 9, 0)):
         self.buffers: dict[int, ctypes.Array] = {}
         self.pinned: set[int] = set()
         self.capturing: list | None = None
+        self.capture_broken = False
         self.mallocs = 0
         self.fail_malloc_after = fail_malloc_after
+        self.fail_in_capture = fail_in_capture
+        self.gpu = gpu
+        self.last_error = _Err.cudaSuccess  # sticky until cudaGetLastError
         self.launches = 0
+
+    def __getattribute__(self, name):
+        attr = object.__getattribute__(self, name)
+        if name.startswith("cuda") and callable(attr) and name not in STICKY_EXEMPT:
+            err = object.__getattribute__(self, "last_error")
+            if err != _Err.cudaSuccess:
+                return lambda *a, **k: (err,)  # a pending error fails every call until it is read
+        return attr
 
     # memory
     def _alloc(self, n: int) -> int:
         if self.fail_malloc_after is not None and self.mallocs >= self.fail_malloc_after:
             return None
         self.mallocs += 1
-        buf = (ctypes.c_byte * max(int(n), 1))()
-        ptr = ctypes.addressof(buf)
+        buf = (ctypes.c_byte * (max(int(n), 1) + ALIGN))()
+        ptr = -(-ctypes.addressof(buf) // ALIGN) * ALIGN
         self.buffers[ptr] = buf
         return ptr
 
@@ -112,11 +145,27 @@ class FakeCudart:
 
     def cudaStreamBeginCapture(self, stream, mode):
         self.capturing = []
+        self.capture_broken = False
         return (_Err.cudaSuccess,)
 
     def cudaStreamEndCapture(self, stream):
         ops, self.capturing = self.capturing, None
+        if self.capture_broken:
+            return _Err.cudaErrorStreamCaptureInvalidated, None
         return _Err.cudaSuccess, ops
+
+    def fail_capture(self) -> None:
+        """What an operation that cannot be captured does: the capture is void and the error pending."""
+        self.capture_broken = True
+        self.last_error = _Err.cudaErrorStreamCaptureUnsupported
+
+    def cudaGetLastError(self):
+        err, self.last_error = self.last_error, _Err.cudaSuccess
+        return (err,)
+
+    def cudaGetDeviceProperties(self, device):
+        name, major, minor = self.gpu
+        return _Err.cudaSuccess, types.SimpleNamespace(name=name.encode(), major=major, minor=minor)
 
     def cudaGraphInstantiate(self, graph, flags):
         return _Err.cudaSuccess, list(graph)
@@ -124,7 +173,8 @@ class FakeCudart:
     def cudaGraphLaunch(self, exec_, stream):
         self.launches += 1
         for op in exec_:
-            op()
+            if op() is False:  # a kernel captured with a context whose shapes have changed since
+                return (_Err.cudaErrorIllegalState,)
         return (_Err.cudaSuccess,)
 
     def cudaGraphDestroy(self, graph):
@@ -206,6 +256,7 @@ class FakeContext:
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.memory = None
+        self.shape_version = 0  # bumped whenever an input shape changes
 
     def set_device_memory(self, ptr, size):
         self.memory = (ptr, size)
@@ -219,11 +270,13 @@ class FakeContext:
         lo, _, hi = self.engine.profiles[self.profile][name]
         if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
             return False
+        if self.shapes.get(name) != tuple(shape):
+            self.shape_version += 1
         self.shapes[name] = tuple(shape)
         return True
 
     def set_tensor_address(self, name, ptr):
-        if name not in self.engine.names:
+        if name not in self.engine.names or int(ptr) % ALIGN:
             return False
         self.addresses[name] = int(ptr)
         return True
@@ -239,16 +292,21 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         cu = self.engine.module.cudart
-        run = self._run
+        if cu.last_error != _Err.cudaSuccess:
+            return False
         if cu.capturing is not None:
-            shapes, addresses = dict(self.shapes), dict(self.addresses)
+            if cu.fail_in_capture:
+                cu.fail_capture()
+                return False
+            version, addresses = self.shape_version, dict(self.addresses)
 
-            def replay():  # what a captured kernel baked in: these shapes and addresses, whatever is bound now
-                self.shapes, self.addresses = dict(shapes), dict(addresses)
-                run()
+            def replay():  # valid only while this context keeps the shapes it had at capture
+                if self.shape_version != version or self.addresses != addresses:
+                    return False
+                self._run()
             cu.capturing.append(replay)
         else:
-            run()
+            self._run()
         return True
 
     def _run(self):

@@ -1,36 +1,18 @@
-"""Scale-out on a local Ray instance (one start for the module, 4 logical CPUs on this 2-core machine: a
-2-actor Ray Data pool with num_cpus=2 starves its read tasks): Ray Serve replicas answer with the same
-images as restok generate, and a Ray Data sampling job equals the in-process one, image for image."""
+"""Ray Serve (restok.serving.ray_serve) on the session's local Ray instance (tests/support/ray.py): replicas
+answer with the same images as restok generate."""
 
 import base64
-import socket
 
-import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'restok[ray]'")
+pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'restok[ray]'")
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'restok[ray]'")
 httpx = pytest.importorskip("httpx", reason="the serve extra is not installed")
 
 from restok.cli import main  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_serve_replicas_answer_like_generate(ray_instance, tiny_artifacts, tmp_path):
@@ -39,7 +21,7 @@ def test_ray_serve_replicas_answer_like_generate(ray_instance, tiny_artifacts, t
     from restok.serving.app import ServeConfig
     from restok.serving.ray_serve import build
 
-    port = _port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(ServeConfig(str(tiny_artifacts), batch_limit=4), replicas=2), name="restok", route_prefix="/")
     try:
@@ -57,12 +39,3 @@ def test_ray_serve_replicas_answer_like_generate(ray_instance, tiny_artifacts, t
             assert [base64.b64decode(d["b64_json"]) for d in r.json()["data"]] == want
     finally:
         serve.delete("restok")
-
-
-def test_ray_data_sampling_equals_in_process(ray_instance, tiny_artifacts, tmp_path):
-    base = ["sample", "--artifacts", str(tiny_artifacts), "--per-class", "20", "--shard-size", "25", "--seed", "2"]
-    assert main(base + ["--out", str(tmp_path / "local")]) == 0
-    assert main(base + ["--out", str(tmp_path / "ray"), "--ray", "--actors", "2"]) == 0
-    a = np.load(tmp_path / "local" / "samples.npz")["arr_0"]
-    b = np.load(tmp_path / "ray" / "samples.npz")["arr_0"]
-    assert a.shape == (200, 32, 32, 3) and np.array_equal(a, b)

@@ -1,5 +1,5 @@
-"""Training: losses go down, resume is exact, 2 processes (gloo) equal 1 at the same global batch, code
-shards round-trip and resume."""
+"""Training (restok.training): losses go down, resume after SIGKILL is exact, 2 processes (gloo) equal 1 at the
+same global batch, a finished run is not overwritten, trainer state runs no code, the optional losses run."""
 
 import json
 import os
@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from restok.training.codes import extract_codes
-from restok.training.data import CodesDataset, DigitsDataset
 from restok.training.train_generator import GeneratorTrainConfig, train_generator
 from restok.training.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+from tests.support.cli import ENV
+from tests.support.net import free_port
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -25,15 +24,6 @@ def _tok_cfg(out, **kw):
     base = dict(out=str(out), preset="tiny", data="digits", steps=12, batch_size=8, lr=1e-3, warmup_steps=2,
                 ema_decay=0.99, log_every=1, save_every=100, sample_every=0, seed=3)
     return TokenizerTrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def codes_dir(tmp_path_factory, tiny_tokenizer):
-    out = tmp_path_factory.mktemp("codes")
-    data = DigitsDataset(32, "train")
-    data.raw, data.labels = data.raw[:40], data.labels[:40]
-    extract_codes(tiny_tokenizer, data, out, crops="ten", flip=False, batch_size=16, shard_size=16, progress=False)
-    return out
 
 
 def _gen_cfg(out, codes, **kw):
@@ -56,17 +46,6 @@ def test_generator_loss_decreases(tmp_path, codes_dir):
     train_generator(_gen_cfg(tmp_path, codes_dir))
     m = _metrics(tmp_path)
     assert m[11]["loss"] < m[0]["loss"] - 0.5
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
 def _final_state(out: Path, which: str) -> dict:
@@ -185,7 +164,7 @@ def test_two_processes_match_one(tmp_path, codes_dir):
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), "-m", "restok", "train", "generator",
+                          str(free_port()), "-m", "restok", "train", "generator",
                           f"out={tmp_path / 'two'}", *common], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     traces = {r: [json.loads(line) for line in (tmp_path / "two" / f"samples_rank{r}.jsonl").read_text().splitlines()]
@@ -209,59 +188,6 @@ def test_two_processes_match_one(tmp_path, codes_dir):
         assert diff.abs().max().item() < 3e-4 and (diff.norm() / norm.norm()).item() < 1e-5, part
         moved = torch.cat([(wa[k] - sa["model"][k]).flatten() for k in wa]) if part == "ema" else None
         assert moved is None or moved.abs().max() > 0  # the EMA is not just a copy of the weights
-
-
-def test_code_shards_round_trip_and_resume(tmp_path, tiny_tokenizer, codes_dir):
-    ds = CodesDataset(codes_dir)
-    meta = json.loads((codes_dir / "index.json").read_text())
-    assert len(ds) == 40 and [s["count"] for s in meta["shards"]] == [16, 16, 8] and meta["crops"] == 5
-    # the centre crop (index 4) equals tokenizing the resized image directly
-    data = DigitsDataset(32, "train")
-    from restok.training.data import _pil_to_array, crops_for_codes
-
-    x = torch.from_numpy(np.stack([_pil_to_array(crops_for_codes(data.pil(i), 32, "ten", False)[4]) for i in range(3)]))
-    assert np.array_equal(ds.codes[:3, 4].astype(np.int64), tiny_tokenizer.encode(x).numpy())
-    assert np.array_equal(ds.labels, data.labels[:40])
-    # an interrupted run: the last shard is missing from the index -> a rerun writes only that one
-    import shutil
-
-    part = tmp_path / "part"
-    shutil.copytree(codes_dir, part)
-    meta["shards"] = meta["shards"][:2]
-    (part / "index.json").write_text(json.dumps(meta))
-    (part / "shard_00002.npz").unlink()
-    d40 = DigitsDataset(32, "train")
-    d40.raw, d40.labels = d40.raw[:40], d40.labels[:40]
-    extract_codes(tiny_tokenizer, d40, part, crops="ten", flip=False, batch_size=16, shard_size=16, progress=False)
-    again = CodesDataset(part)
-    assert np.array_equal(again.codes, ds.codes)
-    with pytest.raises(ValueError, match="another tokenizer or settings"):
-        extract_codes(tiny_tokenizer, d40, part, crops="center", flip=False, shard_size=16, progress=False)
-
-
-def test_unfinished_codes_are_refused(tmp_path, codes_dir, capsys):
-    """Training on a half-written extract-codes folder would silently train on a subset: refused, naming the
-    missing shards and the command that finishes it."""
-    import shutil
-
-    part = tmp_path / "part"
-    shutil.copytree(codes_dir, part)
-    meta = json.loads((part / "index.json").read_text())
-    meta["shards"] = meta["shards"][:1]
-    meta["resume_command"] = "restok extract-codes --tokenizer T --data digits --out part"
-    (part / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"codes of 16 of 40 images.*shard_00001\.npz, shard_00002\.npz.*--out part"):
-        CodesDataset(part)
-    from restok.cli import main
-
-    assert main(["train", "generator", f"codes={part}", f"out={tmp_path / 'g'}", "preset=tiny", "steps=1"]) == 2
-    assert "unfinished extract-codes run" in capsys.readouterr().err
-    # a truncated shard is a clear error too
-    meta["shards"] = json.loads((codes_dir / "index.json").read_text())["shards"]
-    (part / "index.json").write_text(json.dumps(meta))
-    (part / "shard_00001.npz").write_bytes((part / "shard_00001.npz").read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"shard_00001\.npz is damaged"):
-        CodesDataset(part)
 
 
 class _VF(torch.nn.Module):

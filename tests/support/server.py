@@ -1,0 +1,53 @@
+"""``restok serve`` in a subprocess on a free port of 127.0.0.1, for the tests that speak to a real server
+over HTTP (tests/serving/). Needs the serve extra: import it after ``pytest.importorskip("httpx")``."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.support.cli import ENV
+from tests.support.net import free_port
+
+KEY = "test-key-123"
+
+
+class Server:
+    """``restok serve`` in a subprocess on 127.0.0.1; waits until /health/ready says yes."""
+
+    def __init__(self, artifacts, *args, key=KEY):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        cmd = [sys.executable, "-m", "restok", "serve", "--artifacts", str(artifacts), "--port", str(self.port), *args]
+        if key:
+            cmd += ["--api-key", key]
+        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
+            try:
+                if httpx.get(self.url + "/health/ready", headers=self.headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("the server did not become ready")
+
+    def post(self, body, headers=None, timeout=120):
+        return httpx.post(self.url + "/v1/images/generations", json=body, timeout=timeout,
+                          headers=self.headers if headers is None else headers)
+
+    def get(self, path, headers=None):
+        return httpx.get(self.url + path, headers=self.headers if headers is None else headers, timeout=30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+

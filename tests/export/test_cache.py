@@ -33,7 +33,7 @@ def test_cache_exports_once(tiny_artifacts, tmp_path, monkeypatch):
 def test_first_use_exports_once(tmp_path):
     """Two generate runs that both need the model exported into the cache: one exports, the other waits."""
     env = {"RESTOK_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "restok", "generate", "--preset", "tiny", "--max-batch", "2", "--classes", "1"]
+    cmd = [sys.executable, "-m", "restok", "generate", "--preset", "tiny", "--max-batch", "2", "--no-encoder", "--classes", "1"]
     procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"o{i}")], env={**ENV, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=900)[1] for p in procs]

@@ -5,6 +5,9 @@ A folder output (an export, a checkpoint, a run's images) is built in a hidden s
 at any instant the path holds either the old folder or the new one. Whatever the old folder held that
 restok did not write (engines built later, Polygraphy files, a user's notes) is carried into the new one;
 staging folders left by a killed process (its PID is gone) are cleaned on the next write to that path.
+
+An output path that is a symbolic link means its target: files and folders are written into what the link
+names and the link stays as it was. Cleaning up never follows a link.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ PARTIAL_MARK = ".restok-partial"  # inside a staging folder until it is swapped 
 class Discard(Exception):
     """Raised inside ``staged``: drop the staging folder and leave ``final`` as it was (no error)."""
 
-__all__ = ["Discard", "atomic_path", "atomic_write_bytes", "check_writable", "locked", "staged"]
+__all__ = ["Discard", "atomic_path", "atomic_write_bytes", "check_writable", "locked", "real_target", "staged"]
 
 
 def _umask() -> int:
@@ -37,8 +40,9 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
-    path = Path(path)
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed. A
+    ``path`` that is a link is written where the link points (the link stays)."""
+    path = real_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
     os.close(fd)
@@ -60,6 +64,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def real_target(path: str | os.PathLike) -> Path:
+    """Where a write to ``path`` lands: every symbolic link in it resolved (a link to a folder means the folder;
+    a link that points nowhere yet means the path it names)."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
 def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder``'s parent if needed and check that files can be created there, before any work."""
     folder = Path(folder)
@@ -67,7 +77,10 @@ def check_writable(folder: str | os.PathLike) -> Path:
         raise ValueError("the output path is empty; give a folder name")
     parent = folder.parent if not folder.is_dir() else folder
     parent.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".restok-write-test-", dir=parent)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".restok-write-test-", dir=parent)
+    except OSError as e:  # name the folder, not the probe
+        raise OSError(e.errno, f"cannot create files there ({e.strerror}); choose a writable folder", str(parent)) from None
     os.close(fd)
     os.unlink(probe)
     return folder
@@ -176,6 +189,9 @@ def _clean_stale(final: Path, owned: Callable[[Path], Iterable[str]]) -> None:
             continue
         if _pid_alive(pid) and pid != os.getpid():
             continue
+        if p.is_symlink():  # never ours to follow: remove the link itself, never what it points to
+            p.unlink()
+            continue
         if p.is_dir() and not (p / PARTIAL_MARK).exists() and final.is_dir():
             _carry_over(p, final, set(owned(p)))
         shutil.rmtree(p, ignore_errors=True)
@@ -184,7 +200,7 @@ def _clean_stale(final: Path, owned: Callable[[Path], Iterable[str]]) -> None:
             pid = int(p.name.rsplit(".old-", 1)[1])
         except ValueError:
             continue
-        if _pid_alive(pid) and pid != os.getpid():
+        if _pid_alive(pid) and pid != os.getpid() or p.is_symlink():
             continue
         if not final.exists():
             os.replace(p, final)
@@ -200,8 +216,8 @@ def staged(final: str | os.PathLike, owned: Callable[[Path], Iterable[str]] = _n
 
     ``owned(folder)`` lists the files (relative paths) that restok wrote in an existing output folder;
     everything else in the old ``final`` is carried into the new one. On an exception nothing changes at
-    ``final`` and the staging folder is removed."""
-    final = Path(final)
+    ``final`` and the staging folder is removed. A ``final`` that is a link is built where the link points."""
+    final = real_target(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} exists and is not a folder; choose another output path")

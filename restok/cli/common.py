@@ -10,13 +10,14 @@ from pathlib import Path
 
 from restok.sampling_params import SEED_LIMIT
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED, EXIT_BUG = 0, 1, 2, 3, 130, 70
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BUG = 0, 1, 2, 3, 130, 143, 70
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "a check or quality gate failed (the report says which)",
     EXIT_USAGE: "bad input or artifacts: an option, a file or a folder is wrong (the message says what to fix)",
     EXIT_ENV: "environment or OS error: permission denied, disk full, a missing package or GPU",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); outputs are left as they were before the command",
+    EXIT_TERMINATED: "terminated (SIGTERM; restok serve drains and exits 0 instead); outputs are left as they were",
     EXIT_BUG: "internal error: a bug in restok (set RESTOK_DEBUG=1 for the traceback and report it)",
 }
 
@@ -68,6 +69,11 @@ def finite_float(text: str) -> float:
 def non_empty_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the path is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the command line: printing the path later would fail
+        raise argparse.ArgumentTypeError(f"the path {text.encode('utf-8', 'backslashreplace').decode()} holds bytes "
+                                         "that are not UTF-8; rename it") from None
     return text
 
 
@@ -236,6 +242,52 @@ def resolve_backend(args, folder, manifest) -> tuple[str, dict]:
     choice = choose_backend(folder, manifest, args.threads)
     print(f"restok: --backend auto chose {choice['label']} ({choice['reason']})", file=sys.stderr)
     return choice["backend"], choice["options"]
+
+
+def restok_files_near(path: Path) -> tuple[str, Path, list[str]] | None:
+    """(what, folder, files) when ``path`` lies in a folder restok wrote (an export, a checkpoint, a sampling job, a
+    generate run): that folder's description and the files restok wrote there (relative to it)."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "manifest.json").is_file():
+            from restok.manifest import export_files
+
+            return f"the restok export {folder}", folder, ["manifest.json", *export_files(folder)]
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and "restok_format" in config:
+            return f"the restok checkpoint {folder}", folder, ["config.json", "model.safetensors"]
+        if (folder / "job.json").is_file():
+            from restok.jobs.sample import INDEX, SAMPLES, SPEC
+
+            shards = [str(p.relative_to(folder)) for p in (folder / "shards").glob("*")]
+            return f"the sampling job {folder}", folder, [SPEC, INDEX, SAMPLES, *shards]
+        from restok.cli.generate import run_files
+
+        if run_files(folder):
+            return f"the restok generate run {folder}", folder, run_files(folder)
+    return None
+
+
+def check_output_file(where: str | None, flag: str = "--json", out_folder: str | None = None) -> None:
+    """Before any work: ``where`` can be written, is no folder (nor the command's --out), and is no file
+    of a restok export, checkpoint, sampling job or run that restok wrote there for another purpose."""
+    if not where or where == "-":
+        return
+    from restok.fileutil import check_writable, real_target
+
+    target = real_target(where)
+    if target.is_dir():
+        raise CLIError(f"{flag} {where} is a folder; give a file path (e.g. {Path(where) / 'result.json'})")
+    if out_folder and target == real_target(out_folder):
+        raise CLIError(f"{flag} {where} is the output folder (--out); give a file path outside it")
+    near = restok_files_near(target)
+    if near and target.exists():
+        what, folder, files = near
+        if str(target.relative_to(folder)) in files:
+            raise CLIError(f"{flag} {where} would overwrite a file of {what}; choose another path")
+    check_writable(target)
 
 
 def write_json(doc: dict, where: str | None) -> None:

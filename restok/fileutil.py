@@ -80,7 +80,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
     try:
         fd, probe = tempfile.mkstemp(prefix=".restok-write-test-", dir=parent)
     except OSError as e:  # name the folder, not the probe
-        raise OSError(e.errno, f"cannot create files there ({e.strerror}); choose a writable folder", str(parent)) from None
+        raise OSError(e.errno, f"cannot create files there ({(e.strerror or '').lower()}); choose a writable folder", str(parent)) from None
     os.close(fd)
     os.unlink(probe)
     return folder

@@ -13,8 +13,10 @@ def add_parsers(sub) -> None:
     tr = sub.add_parser("train", help="train a tokenizer or a generator (single process or under torchrun)",
                         description="Train with a JSON config plus key=value overrides. Run under torchrun for "
                                     "several processes (DDP; FSDP on GPUs with fsdp=true). --resume continues "
-                                    "from the newest complete checkpoint in the config's out folder, exactly; a new "
-                                    "run refuses an out folder that already holds checkpoints unless --overwrite.")
+                                    "from the newest complete checkpoint in the config's out folder, exactly, and "
+                                    "refuses settings or data that differ from the checkpoint's (see "
+                                    "--resume-override); a new run refuses an out folder that already holds "
+                                    "checkpoints unless --overwrite.")
     tr.add_argument("what", choices=("tokenizer", "generator"), help="which model")
     tr.add_argument("--config", metavar="JSON", type=non_empty_path,
                     help="a config file (fields: see restok/training/train_*.py)")
@@ -22,6 +24,13 @@ def add_parsers(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start again in an out folder that holds checkpoints "
                    "(its checkpoints are replaced as the new run saves)")
+    tr.add_argument("--resume-override", nargs="+", action="extend", default=[], metavar="NAME",
+                    help="with --resume: settings allowed to differ from the checkpoint's. A resume compares every "
+                         "config field with the checkpoint's and the data's content (data_content for the tokenizer, "
+                         "codes_content for the generator: file names and sizes) with the checkpoint's, and refuses "
+                         "any difference not named here; steps is compared too (the cosine schedule ends at it). Never "
+                         "compared, as they do not change results: out, device, fsdp, workers, log_every, save_every, "
+                         "sample_every, keep, stop_at, trace_samples, tokenizer. Names may be comma-separated")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=2000 lr=3e-4")
     tr.set_defaults(func=run_train)
 
@@ -54,7 +63,7 @@ def add_parsers(sub) -> None:
 
 
 def run_train(args) -> int:
-    from restok.training.common import load_config
+    from restok.training.common import check_override_names, load_config
 
     if args.what == "tokenizer":
         from restok.training.train_tokenizer import TokenizerTrainConfig as Cfg
@@ -62,10 +71,24 @@ def run_train(args) -> int:
     else:
         from restok.training.train_generator import GeneratorTrainConfig as Cfg
         from restok.training.train_generator import train_generator as train
-    cfg = load_config(Cfg, args.config, args.overrides)
-    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    allowed, overrides = _split_resume_override(args.resume_override, args.overrides)
+    if allowed and not args.resume:
+        raise CLIError("--resume-override applies only with --resume")
+    try:
+        check_override_names(Cfg, allowed)
+    except ValueError as e:
+        raise CLIError(f"--resume-override: {e}") from None
+    cfg = load_config(Cfg, args.config, overrides)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite, resume_override=allowed)
     print(f"trained {args.what}: {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _split_resume_override(words: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(setting names, KEY=VALUE overrides): --resume-override takes every word after it, so the KEY=VALUE
+    overrides written after it go back where they belong (a setting name never holds '=')."""
+    names = [n for w in words if "=" not in w for n in w.split(",") if n]
+    return names, [*overrides, *(w for w in words if "=" in w)]
 
 
 def run_extract_codes(args) -> int:

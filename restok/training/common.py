@@ -10,8 +10,9 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ NO_DECAY = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "g
 class TrainRunConfig:
     """What every trainer's config has: the run (output, model, optimizer, schedule, bookkeeping). Trainers
     subclass it, adding their own fields and redeclaring the defaults that differ."""
+
+    data_field: ClassVar[str] = ""  # the field naming the training data; its content is compared as <field>_content
 
     out: str = "runs/train"
     preset: str = "tiny"
@@ -80,6 +83,81 @@ def load_config(cls, path: str | os.PathLike | None, overrides: list[str]):
         except json.JSONDecodeError:
             d[k] = v
     return config_from_dict(cls, d)
+
+
+# ------------------------------------------------------------------------------------ resume
+# A resumed run must compute what the checkpointed run would have: every setting is compared with the
+# checkpoint's config.json, and the data's content with the fingerprint in trainer.pt, except the settings below,
+# which do not change what is computed: where the run lives and runs (the batches and every per-sample choice
+# are seeded per sample, whatever the process count, device placement or loader threads), how often it logs,
+# saves and draws samples, how many checkpoints it keeps, where it stops early, and the tokenizer that only
+# draws the generator's sample images. ``steps`` IS compared: the cosine schedule ends at it, so extending a run
+# changes the learning rate of every step still to come (allow it with --resume-override steps).
+
+RESUME_FREE = frozenset({"out", "device", "fsdp", "workers", "log_every", "save_every", "sample_every", "keep",
+                         "stop_at", "trace_samples", "tokenizer"})
+NOT_RECORDED = "not recorded (the checkpoint was written before restok recorded it)"
+
+
+def content_setting(cls) -> str:
+    """The name under which a trainer's data content is compared: data_content, codes_content."""
+    return f"{cls.data_field}_content" if cls.data_field else ""
+
+
+def resume_setting_names(cls) -> list[str]:
+    """Every setting a resume compares (the names --resume-override takes)."""
+    names = [f.name for f in fields(cls) if f.name not in RESUME_FREE]
+    return names + ([content_setting(cls)] if cls.data_field else [])
+
+
+def check_override_names(cls, names: Iterable[str]) -> None:
+    """Refuse a name that is no compared setting: a typo must not silently allow nothing."""
+    known = resume_setting_names(cls)
+    for n in names:
+        if n in RESUME_FREE:
+            raise ValueError(f"{n!r} is never compared on resume (it does not change results), so it needs no override")
+        if n not in known:
+            raise ValueError(f"{n!r} is not a setting compared on resume; the compared ones are: {', '.join(known)}")
+
+
+def _json_value(v):
+    return json.loads(json.dumps(v))
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def recorded_settings(ckpt: Path, cls) -> dict:
+    """The compared settings of the run that wrote ``ckpt`` (config.json); a field it lacks was added to restok
+    later and had its default."""
+    path = ckpt / "config.json"
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is missing or unreadable ({e}), so the run's settings cannot be checked; "
+                         f"restore it, or remove {ckpt} to resume from the checkpoint before it") from e
+    return {f.name: old.get(f.name, _json_value(_default(f))) for f in fields(cls) if f.name not in RESUME_FREE}
+
+
+def check_resume(ckpt: Path, cfg, state: dict, fingerprints: dict[str, str], allowed: Iterable[str] = ()) -> list[str]:
+    """Refuse to resume ``ckpt`` with settings or data that differ from the ones it was trained with, except the
+    ``allowed`` ones; returns the allowed differences, described."""
+    now = {k: _json_value(v) for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    was = recorded_settings(ckpt, type(cfg))
+    was_fp = state.get("fingerprints", {})
+    said = {k: f"{k} was {json.dumps(was[k])}, now {json.dumps(v)}" for k, v in now.items() if was[k] != v}
+    said.update({k: f"{k} was {json.dumps(was_fp[k]) if k in was_fp else NOT_RECORDED}, now {json.dumps(v)}"
+                 for k, v in fingerprints.items() if was_fp.get(k) != v})
+    allowed = set(allowed)
+    refused = [k for k in said if k not in allowed]
+    if refused:
+        raise ValueError(f"cannot resume from {ckpt}: the run's settings differ from the checkpoint's: "
+                         f"{'; '.join(said[k] for k in refused)}; resume with the checkpoint's settings, or allow "
+                         f"the change with --resume-override {' '.join(refused)}")
+    return list(said.values())
 
 
 # ------------------------------------------------------------------------------------ process
@@ -259,26 +337,40 @@ def load_trainer_state(ckpt: Path) -> dict:
                          f"remove {ckpt} to resume from the checkpoint before it") from e
 
 
-def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device) -> dict:
+def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device, state: dict | None = None) -> dict:
     """Load every model (and its EMA) of a training checkpoint, the optimizers named in the trainer state
-    and the RNG states; returns the trainer state (``state['step']`` is the last completed step)."""
+    and the RNG states; returns the trainer state (``state['step']`` is the last completed step). A checkpoint
+    that does not fit (reachable only through --resume-override of the model or losses) is a clear error."""
     from restok.checkpoints import load_generator, load_tokenizer
 
-    st = load_trainer_state(ckpt)
-    for name, model in models.items():
-        if name in ("tokenizer", "generator"):
-            load = load_tokenizer if name == "tokenizer" else load_generator
-            unwrap(model).load_state_dict(load(ckpt / name).state_dict())
-            if name in ema:
-                e = ema[name]
-                e.shadow = {k: v.to(device) for k, v in load(ckpt / f"{name}_ema").state_dict().items() if k in e.shadow}
-                e.updates = st["ema_updates"]
-        else:  # auxiliary modules (the discriminator) live in the trainer state
-            unwrap(model).load_state_dict(st[name])
-    for name, opt in optimizers.items():
-        opt.load_state_dict(st[f"{name}_optimizer"])
+    st = load_trainer_state(ckpt) if state is None else state
+    try:
+        for name, model in models.items():
+            if name in ("tokenizer", "generator"):
+                load = load_tokenizer if name == "tokenizer" else load_generator
+                unwrap(model).load_state_dict(load(ckpt / name).state_dict())
+                if name in ema:
+                    e = ema[name]
+                    saved = load(ckpt / f"{name}_ema").state_dict()
+                    e.shadow = {k: v.to(device) for k, v in saved.items() if k in e.shadow}
+                    e.updates = st["ema_updates"]
+            else:  # auxiliary modules (the discriminator) live in the trainer state
+                unwrap(model).load_state_dict(st[name])
+    except (KeyError, RuntimeError) as e:  # missing module state, other shapes or parameter names
+        raise _misfit(ckpt, e) from e
+    try:
+        for name, opt in optimizers.items():
+            opt.load_state_dict(st[f"{name}_optimizer"])
+    except (KeyError, ValueError) as e:  # missing optimizer state, other parameter groups
+        raise _misfit(ckpt, e) from e
     set_rng_state(st["rng"])
     return st
+
+
+def _misfit(ckpt: Path, e: Exception) -> ValueError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{ckpt} does not fit the model of this config ({type(e).__name__}: {first}); resume with "
+                      "the checkpoint's model and loss settings")
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -369,8 +461,10 @@ def prepare_run(out: Path, d: Dist, resume: bool, overwrite: bool) -> Path | Non
     return None
 
 
-def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, config) -> Path:
+def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, config,
+             fingerprints: dict[str, str] | None = None) -> Path:
     state = {f"{k}_optimizer": o.state_dict() for k, o in optimizers.items()}
+    state["fingerprints"] = dict(fingerprints or {})  # the data's identity, checked on resume
     state["ema_updates"] = next(iter(ema.values())).updates if ema else 0
     state.update({k: unwrap(m).state_dict() for k, m in models.items() if k not in MODEL_KINDS})
     primary = {k: m for k, m in models.items() if k in MODEL_KINDS}
@@ -378,10 +472,14 @@ def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, co
 
 
 def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema: dict, step_fn, *, resume: bool,
-               overwrite: bool, desc: str, sample_fn=None) -> Path:
+               overwrite: bool, desc: str, sample_fn=None, fingerprints: dict[str, str] | None = None,
+               resume_override: Iterable[str] = ()) -> Path:
     """The skeleton both trainers share: run folder, resume, learning-rate schedule, EMA, logging, samples,
     checkpoints, early stop. ``step_fn(step, lr) -> (values to log, grad norm, global positions)`` does one
-    optimisation step; ``optimizers['model']`` follows the schedule, the others keep their own rate."""
+    optimisation step; ``optimizers['model']`` follows the schedule, the others keep their own rate.
+    ``fingerprints`` (setting name -> data fingerprint) are recorded in each checkpoint; a resume refuses
+    settings or fingerprints that differ from the checkpoint's, except those named in ``resume_override``."""
+    fingerprints = fingerprints or {}
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -390,8 +488,10 @@ def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema
         dist.barrier()
     start = 0
     if ckpt is not None:
-        start = restore(ckpt, models, optimizers, ema, d.device)["step"] + 1
-        say_once(d, f"resumed from {ckpt} at step {start}")
+        st = load_trainer_state(ckpt)
+        changed = check_resume(ckpt, cfg, st, fingerprints, resume_override)
+        start = restore(ckpt, models, optimizers, ema, d.device, st)["step"] + 1
+        say_once(d, f"resumed from {ckpt} at step {start}" + (f" (allowed: {'; '.join(changed)})" if changed else ""))
     log = MetricsLog(out, cfg.steps, start, d.main, desc)
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.steps)
@@ -411,7 +511,7 @@ def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema
         if sample_fn is not None and d.main and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
             sample_fn(step)
         if d.main and ((step + 1) % cfg.save_every == 0 or last):
-            save_run(out, step, models, optimizers, ema, cfg)
+            save_run(out, step, models, optimizers, ema, cfg, fingerprints)
         log.advance()
         if step == cfg.stop_at:
             break

@@ -8,6 +8,7 @@ a checkpoint, or split over several processes, sees exactly the same samples and
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -24,6 +25,22 @@ def sample_rng(seed: int, step: int, position: int, salt: int = 0) -> np.random.
     return np.random.default_rng([int(seed), int(step), int(position), int(salt)])
 
 
+def _sha(parts) -> str:
+    """A short hash of strings or bytes: the identity part of a data fingerprint."""
+    h = hashlib.sha256()
+    for x in parts:
+        h.update(x if isinstance(x, bytes) else str(x).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(dataset) -> str:
+    """What a resumed run compares to know it trains on the same data: cheap (names and sizes, no pixels read),
+    independent of where the data lies, so a moved folder matches and an added, removed or rewritten file
+    does not."""
+    return dataset.fingerprint()
+
+
 # --------------------------------------------------------------------------------- transforms
 
 
@@ -33,13 +50,45 @@ def _open_image(source, where: str):
 
     try:
         with Image.open(source) as im:
-            return im.convert("RGB")
+            im.load()
     except (UnidentifiedImageError, SyntaxError, ValueError) as e:  # not an image, or a truncated one
         raise ValueError(f"{where} is not a readable image ({e}); remove it from the dataset") from e
     except OSError as e:
         if e.errno is None:  # PIL's "image file is truncated" and friends carry no errno: bad data
             raise ValueError(f"{where} is not a readable image ({e}); remove it from the dataset") from e
         raise
+    return to_rgb(im, where)
+
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL modes with an alpha channel (La, RGBa: premultiplied)
+
+
+def to_rgb(im, where: str):
+    """8-bit RGB by the image's real value range. PIL's own ``convert("RGB")`` clips 16-bit grey at 255 (a
+    16-bit PNG turns almost all white) and drops alpha (showing whatever colour transparent pixels hide), so:
+    16-bit grey is scaled by 255/65535, transparency is composited over white (as a viewer shows it),
+    palettes, 1-bit, CMYK and YCbCr go through PIL; 32-bit integer or float pixels, whose range no file
+    states, are refused."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # a 16-bit grey PNG
+        return _grey16_to_rgb(im)
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+        raise ValueError(f"{where} has {kind} pixels (PIL mode {im.mode}) of no known range; "
+                         "save it as an 8- or 16-bit PNG or a JPEG")
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _grey16_to_rgb(im):
+    """0..65535 grey -> 0..255 (value / 257, rounded: 0 stays black, 65535 is white)."""
+    from PIL import Image
+
+    grey = np.clip(np.round(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _pil_to_array(img) -> np.ndarray:
@@ -133,6 +182,9 @@ class DigitsDataset:
     def get(self, i: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         return _pil_to_array(self.pil(i)), int(self.labels[i])
 
+    def fingerprint(self) -> str:
+        return f"scikit-learn digits, {len(self)} images, sha256 {_sha([self.raw.tobytes(), self.labels.tobytes()])}"
+
 
 class ImageFolderDataset:
     """root/<class name>/<image>: classes in sorted order. Random resized crops and flips when ``train``."""
@@ -149,7 +201,7 @@ class ImageFolderDataset:
         if not self.items:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
         self.num_classes = len(self.classes)
-        self.image_size, self.train = image_size, train
+        self.root, self.image_size, self.train = root, image_size, train
 
     def __len__(self) -> int:
         return len(self.items)
@@ -168,6 +220,11 @@ class ImageFolderDataset:
         else:
             img = resize_center_crop(img, self.image_size)
         return _pil_to_array(img), self.items[i][1]
+
+    def fingerprint(self) -> str:
+        sizes = [p.stat().st_size for p, _ in self.items]
+        h = _sha(f"{p.relative_to(self.root).as_posix()}:{n}" for (p, _), n in zip(self.items, sizes))
+        return f"{len(self.items)} images, {sum(sizes)} bytes, names and sizes sha256 {h}"
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -226,6 +283,11 @@ class WebDatasetShards:
         img = random_resized_crop(img, self.image_size, rng) if self.train and rng is not None else resize_center_crop(img, self.image_size)
         return _pil_to_array(img), self.index[i][2]
 
+    def fingerprint(self) -> str:
+        sizes = [p.stat().st_size for p in self.paths]
+        h = _sha(f"{p.name}:{n}" for p, n in zip(self.paths, sizes))
+        return f"{len(self.paths)} shards, {len(self.index)} samples, {sum(sizes)} bytes, names and sizes sha256 {h}"
+
 
 class CodesDataset:
     """Token ids written by ``restok extract-codes``: each item is one of its stored crops (chosen per
@@ -266,6 +328,7 @@ class CodesDataset:
         self.codes = np.concatenate(codes)
         self.labels = np.concatenate(labels)
         self.num_classes = int(self.meta.get("num_classes", int(self.labels.max()) + 1))
+        self.folder = folder
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -274,6 +337,13 @@ class CodesDataset:
         crops = self.codes[i]
         c = int(rng.integers(len(crops))) if rng is not None else 0
         return crops[c].astype(np.int64), int(self.labels[i])
+
+    def fingerprint(self) -> str:
+        """The index (tokenizer hash, crops, shard counts; not the command that wrote it) and the shard sizes."""
+        meta = {k: v for k, v in self.meta.items() if k != "resume_command"}
+        sizes = [(self.folder / sh["file"]).stat().st_size for sh in self.meta["shards"]]
+        h = _sha([json.dumps(meta, sort_keys=True), *sizes])
+        return f"{len(self)} coded images, {sum(sizes)} bytes, index and sizes sha256 {h}"
 
 
 def open_dataset(spec: str, image_size: int, train: bool = True):

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from restok.training import common as C
-from restok.training.data import Batcher, CodesDataset, sample_rng
+from restok.training.data import Batcher, CodesDataset, data_fingerprint, sample_rng
 
 
 @dataclass
 class GeneratorTrainConfig(C.TrainRunConfig):
+    data_field = "codes"  # its content is compared on resume as codes_content
     out: str = "runs/generator"
     codes: str = "runs/codes"  # restok extract-codes output
     tokenizer: str = ""  # optional: a tokenizer checkpoint, to save generated samples as images
@@ -40,8 +42,12 @@ def build_generator_for_training(cfg: GeneratorTrainConfig, vocab: int, num_clas
     return HARGenerator(GeneratorConfig(**d))
 
 
-def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/)."""
+def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: bool = False,
+                    resume_override: Iterable[str] = ()) -> Path:
+    """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/). A resume refuses
+    settings or data that differ from the checkpoint's, except those named in ``resume_override``."""
+    resume_override = tuple(resume_override)
+    C.check_override_names(type(cfg), resume_override)
     d = C.setup_process(cfg.device)
     try:
         C.seed_everything(cfg.seed)
@@ -86,7 +92,9 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: 
                 _save_samples(Path(cfg.out), step, gen, ema.get("generator"), tok, data.num_classes)
 
         return C.train_loop(cfg, d, {"generator": gen}, {"model": opt}, ema, step_fn, resume=resume,
-                            overwrite=overwrite, desc="train generator", sample_fn=sample_fn)
+                            overwrite=overwrite, desc="train generator", sample_fn=sample_fn,
+                            resume_override=resume_override,
+                            fingerprints={C.content_setting(type(cfg)): data_fingerprint(data)})
     finally:
         C.teardown_process()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -13,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restok.training import common as C
-from restok.training.data import Batcher, open_dataset, sample_rng
+from restok.training.data import Batcher, data_fingerprint, open_dataset, sample_rng
 
 
 @dataclass
 class TokenizerTrainConfig(C.TrainRunConfig):
+    data_field = "data"  # its content is compared on resume as data_content
     out: str = "runs/tokenizer"
     data: str = "digits"  # digits | folder:PATH | wds:PATTERN
     weight_decay: float = 1e-4
@@ -70,8 +72,12 @@ def build_tokenizer_for_training(cfg: TokenizerTrainConfig):
     return ResTok(TokenizerConfig(**d))
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/)."""
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: bool = False,
+                    resume_override: Iterable[str] = ()) -> Path:
+    """Run the training; returns the output folder (checkpoints/, metrics.jsonl, samples/). A resume refuses
+    settings or data that differ from the checkpoint's, except those named in ``resume_override``."""
+    resume_override = tuple(resume_override)
+    C.check_override_names(type(cfg), resume_override)
     d = C.setup_process(cfg.device)
     try:
         C.seed_everything(cfg.seed)
@@ -148,7 +154,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: 
             _save_samples(Path(cfg.out), step, last["images"], last["recon"])
 
         return C.train_loop(cfg, d, models, optimizers, ema, step_fn, resume=resume, overwrite=overwrite,
-                            desc="train tokenizer", sample_fn=sample_fn)
+                            desc="train tokenizer", sample_fn=sample_fn, resume_override=resume_override,
+                            fingerprints={C.content_setting(type(cfg)): data_fingerprint(data)})
     finally:
         C.teardown_process()
 

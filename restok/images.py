@@ -60,6 +60,21 @@ def png_bytes(image_u8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_image(image_u8: np.ndarray, fmt: str = "png") -> bytes:
+    """One image as PNG (lossless, what restok generate writes), JPEG or WebP (quality 95)."""
+    if fmt == "png":
+        return png_bytes(image_u8)
+    import io
+
+    from PIL import Image
+
+    if fmt not in ("jpeg", "webp"):
+        raise ValueError(f"output format must be png, jpeg or webp, got {fmt!r}")
+    buf = io.BytesIO()
+    Image.fromarray(image_u8).save(buf, format=fmt.upper(), quality=95)
+    return buf.getvalue()
+
+
 def save_png(image_u8: np.ndarray, path: str | os.PathLike) -> Path:
     """Write one uint8 [H, W, 3] image atomically (temporary name, then rename)."""
     with atomic_path(path) as tmp:

@@ -10,6 +10,8 @@ and calibration use only the methods declared here: they never see a framework t
 from __future__ import annotations
 
 import abc
+import inspect
+import numbers
 from importlib import import_module
 from pathlib import Path
 
@@ -156,11 +158,19 @@ def backend_names() -> list[str]:
 
 def create_backend(name: str, folder: Path, manifest: Manifest, threads: int | None = None, **options) -> Backend:
     """``options`` go to the backend (torch: device)."""
-    if name not in BACKENDS:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None (all cores), got {threads!r}")
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     try:
         mod = import_module(module)
     except ImportError as e:
         raise ImportError(f"the {name} backend is not available here: {e}") from e
-    return getattr(mod, cls)(folder, manifest, threads, **options)
+    backend_cls = getattr(mod, cls)
+    takes = [p.name for p in inspect.signature(backend_cls.__init__).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "folder", "manifest", "threads")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:  # an option the backend would ignore is an error, not a silent default
+        raise TypeError(f"the {name} backend takes no option {unknown[0]!r} (its options: {', '.join(takes) or 'none'})")
+    return backend_cls(folder, manifest, threads, **options)

@@ -11,15 +11,19 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 class ServerMetrics:
     def __init__(self, manifest: Manifest, backend: str, batch_limit: int):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+        from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                                       ProcessCollector)
 
         self.registry = r = CollectorRegistry()
         self.artifacts_sha256 = hashlib.sha256(
             "".join(f"{k}:{v['sha256']}" for k, v in sorted(manifest.files.items())).encode()).hexdigest()
-        self.requests_total = Counter("restok_requests", "HTTP generation requests by status", ["status"], registry=r)
+        self.requests_total = Counter("restok_requests", "API requests by status (health probes and scrapes not "
+                                      "counted)", ["status"], registry=r)
         self.images_total = Counter("restok_images", "images generated", registry=r)
-        self.request_seconds = Histogram("restok_request_seconds", "generation request latency", buckets=LATENCY_BUCKETS,
-                                         registry=r)
+        self.request_seconds = Histogram("restok_request_seconds", "API request latency by status", ["status"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds (Linux)
+        PlatformCollector(registry=r)
         self.queue_seconds = Histogram("restok_queue_seconds", "time an image waited for its run",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch_run_seconds = Histogram("restok_batch_run_seconds", "time of one run (all passes and decoding)",
@@ -35,10 +39,9 @@ class ServerMetrics:
             "artifacts_sha256": self.artifacts_sha256, "precision": manifest.precision, "backend": backend,
             "max_batch": str(manifest.max_batch), "batch_limit": str(batch_limit), "kv_cache": manifest.kv_cache})
 
-    def request(self, status: str, seconds: float | None = None) -> None:
+    def request(self, status: str, seconds: float) -> None:
         self.requests_total.labels(status=status).inc()
-        if seconds is not None:
-            self.request_seconds.observe(seconds)
+        self.request_seconds.labels(status=status).observe(seconds)
 
     def images(self, n: int) -> None:
         self.images_total.inc(n)

@@ -37,6 +37,7 @@ class ImageJob:
     future: asyncio.Future = field(repr=False, default=None)
     enqueued: float = 0.0
     cancelled: bool = False
+    request: object = None  # the request the job belongs to (a failed run is retried request by request)
 
 
 @dataclass
@@ -117,7 +118,6 @@ class BatchScheduler:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self.queue:
                 self._wake.clear()
@@ -134,23 +134,36 @@ class BatchScheduler:
             self.observe("queued", value=len(self.queue))
             if not batch:
                 continue
-            self.running = len(batch)
-            self.observe("running", value=self.running)
-            start = time.monotonic()
-            try:
-                tokens, images, pass_seconds = await loop.run_in_executor(self.executor, self.run_batch, batch)
-            except Exception as e:  # the whole run failed: its requests get the error, the server goes on
+            await self._run(batch)
+
+    async def _run(self, batch: list[ImageJob]) -> None:
+        """One run for ``batch``. When it fails and it mixed several requests, each request's images are run
+        again alone: only the request whose images fail gets the error, the others their images."""
+        loop = asyncio.get_running_loop()
+        self.running = len(batch)
+        self.observe("running", value=self.running)
+        start = time.monotonic()
+        try:
+            tokens, images, pass_seconds = await loop.run_in_executor(self.executor, self.run_batch, batch)
+        except Exception as e:
+            groups: dict[int, list[ImageJob]] = {}
+            for j in batch:
+                groups.setdefault(id(j.request) if j.request is not None else id(j), []).append(j)
+            if len(groups) == 1:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
-                continue
-            finally:
-                self.running = 0
-                self.observe("running", value=0)
-            run = time.monotonic() - start
-            self.observe("batch", size=len(batch), seconds=run, passes=pass_seconds)
-            for k, j in enumerate(batch):
-                self.observe("queue_wait", seconds=start - j.enqueued)
-                if not j.future.done():
-                    j.future.set_result(BatchResult(tokens[k], None if images is None else images[k], len(batch),
-                                                    start - j.enqueued, run))
+                return
+            for group in groups.values():
+                await self._run(group)
+            return
+        finally:
+            self.running = 0
+            self.observe("running", value=0)
+        run = time.monotonic() - start
+        self.observe("batch", size=len(batch), seconds=run, passes=pass_seconds)
+        for k, j in enumerate(batch):
+            self.observe("queue_wait", seconds=start - j.enqueued)
+            if not j.future.done():
+                j.future.set_result(BatchResult(tokens[k], None if images is None else images[k], len(batch),
+                                                start - j.enqueued, run))

@@ -51,3 +51,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+
+def generate_pngs(artifacts, tmp_path, classes, seed) -> list[bytes]:
+    """The PNGs restok generate writes for ``classes`` and ``seed``: what the server must answer byte for byte."""
+    from restok.cli import main
+
+    out = tmp_path / f"gen_{seed}"
+    assert main(["generate", "--artifacts", str(artifacts), "--classes", *map(str, classes), "--seed", str(seed),
+                 "--out", str(out)]) == 0
+    return [(out / f"{i:04d}_class{c}.png").read_bytes() for i, c in enumerate(classes)]

@@ -50,14 +50,17 @@ def test_pass_by_pass_equals_the_fused_run(pipes):
 
 def test_padded_buckets_change_nothing(pipes):
     """3 images run padded to the bucket of 4: the first 3 images of a run of 4 are the same bytes, and
-    every image equals itself generated alone."""
+    every image generated alone (bucket 1) has the same tokens. Its pixels are the same up to float
+    rounding: the decoder's matrix products at batch 1 and batch 4 round differently (about 1e-6), which
+    can move a pixel that sits on a rounding boundary by one level (seen on CI's CPU)."""
     _, cuda = pipes
     three, four = cuda.generate(LABELS[:3], seed=7), cuda.generate(LABELS[:4], seed=7)
     assert cuda.backend.bucket == 4
     assert np.array_equal(three.tokens, four.tokens[:3]) and np.array_equal(three.images, four.images[:3])
     alone = [cuda.generate([c], seed=7, noise_start=k, output="uint8") for k, c in enumerate(LABELS[:3])]
     assert all(np.array_equal(g.tokens[0], three.tokens[k]) for k, g in enumerate(alone))
-    assert all(np.array_equal(g.images[0], to_uint8(three.images)[k]) for k, g in enumerate(alone))
+    diffs = [np.abs(g.images[0].astype(int) - to_uint8(three.images)[k].astype(int)) for k, g in enumerate(alone)]
+    assert max(int(d.max()) for d in diffs) <= 1 and sum(int((d > 0).sum()) for d in diffs) <= 8
 
 
 def test_one_host_copy_per_run(pipes):

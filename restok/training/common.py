@@ -337,9 +337,10 @@ def load_trainer_state(ckpt: Path) -> dict:
                          f"remove {ckpt} to resume from the checkpoint before it") from e
 
 
-def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device, state: dict | None = None) -> dict:
-    """Load every model (and its EMA) of a training checkpoint, the optimizers named in the trainer state
-    and the RNG states; returns the trainer state (``state['step']`` is the last completed step). A checkpoint
+def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device, state: dict | None = None,
+            scaler=None) -> dict:
+    """Load every model (and its EMA) of a training checkpoint, the optimizers named in the trainer state,
+    the fp16 loss scale (``scaler``) and the RNG states; returns the trainer state (``state['step']`` is the last completed step). A checkpoint
     that does not fit (reachable only through --resume-override of the model or losses) is a clear error."""
     from restok.checkpoints import load_generator, load_tokenizer
 
@@ -363,6 +364,11 @@ def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device, state
             opt.load_state_dict(st[f"{name}_optimizer"])
     except (KeyError, ValueError) as e:  # missing optimizer state, other parameter groups
         raise _misfit(ckpt, e) from e
+    if scaler is not None:  # fp16: the loss scale and its growth count go on where they were
+        if "grad_scaler" not in st:
+            raise ValueError(f"{ckpt} holds no fp16 loss scale (a checkpoint of an older restok); resume it with "
+                             "the precision it was trained with, or start a new run")
+        scaler.load_state_dict(st["grad_scaler"])
     set_rng_state(st["rng"])
     return st
 
@@ -462,8 +468,10 @@ def prepare_run(out: Path, d: Dist, resume: bool, overwrite: bool) -> Path | Non
 
 
 def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, config,
-             fingerprints: dict[str, str] | None = None) -> Path:
+             fingerprints: dict[str, str] | None = None, scaler=None) -> Path:
     state = {f"{k}_optimizer": o.state_dict() for k, o in optimizers.items()}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
     state["fingerprints"] = dict(fingerprints or {})  # the data's identity, checked on resume
     state["ema_updates"] = next(iter(ema.values())).updates if ema else 0
     state.update({k: unwrap(m).state_dict() for k, m in models.items() if k not in MODEL_KINDS})
@@ -473,12 +481,13 @@ def save_run(out: Path, step: int, models: dict, optimizers: dict, ema: dict, co
 
 def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema: dict, step_fn, *, resume: bool,
                overwrite: bool, desc: str, sample_fn=None, fingerprints: dict[str, str] | None = None,
-               resume_override: Iterable[str] = ()) -> Path:
+               resume_override: Iterable[str] = (), scaler=None) -> Path:
     """The skeleton both trainers share: run folder, resume, learning-rate schedule, EMA, logging, samples,
     checkpoints, early stop. ``step_fn(step, lr) -> (values to log, grad norm, global positions)`` does one
     optimisation step; ``optimizers['model']`` follows the schedule, the others keep their own rate.
     ``fingerprints`` (setting name -> data fingerprint) are recorded in each checkpoint; a resume refuses
-    settings or fingerprints that differ from the checkpoint's, except those named in ``resume_override``."""
+    settings or fingerprints that differ from the checkpoint's, except those named in ``resume_override``.
+    ``scaler`` (fp16's GradScaler) is saved and restored with the optimizers: a resume keeps the loss scale."""
     fingerprints = fingerprints or {}
     out = Path(cfg.out)
     if d.main:
@@ -490,7 +499,7 @@ def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema
     if ckpt is not None:
         st = load_trainer_state(ckpt)
         changed = check_resume(ckpt, cfg, st, fingerprints, resume_override)
-        start = restore(ckpt, models, optimizers, ema, d.device, st)["step"] + 1
+        start = restore(ckpt, models, optimizers, ema, d.device, st, scaler)["step"] + 1
         say_once(d, f"resumed from {ckpt} at step {start}" + (f" (allowed: {'; '.join(changed)})" if changed else ""))
     log = MetricsLog(out, cfg.steps, start, d.main, desc)
     for step in range(start, cfg.steps):
@@ -511,7 +520,7 @@ def train_loop(cfg: TrainRunConfig, d: Dist, models: dict, optimizers: dict, ema
         if sample_fn is not None and d.main and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
             sample_fn(step)
         if d.main and ((step + 1) % cfg.save_every == 0 or last):
-            save_run(out, step, models, optimizers, ema, cfg, fingerprints)
+            save_run(out, step, models, optimizers, ema, cfg, fingerprints, scaler)
         log.advance()
         if step == cfg.stop_at:
             break

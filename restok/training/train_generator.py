@@ -93,7 +93,7 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = False, overwrite: 
 
         return C.train_loop(cfg, d, {"generator": gen}, {"model": opt}, ema, step_fn, resume=resume,
                             overwrite=overwrite, desc="train generator", sample_fn=sample_fn,
-                            resume_override=resume_override,
+                            resume_override=resume_override, scaler=scaler,
                             fingerprints={C.content_setting(type(cfg)): data_fingerprint(data)})
     finally:
         C.teardown_process()

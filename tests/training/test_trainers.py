@@ -57,7 +57,8 @@ def _final_state(out: Path, which: str) -> dict:
     load = restok.load_tokenizer if which == "tokenizer" else restok.load_generator
     st = load_trainer_state(ck)
     return {"step": st["step"], "model": load(ck / which).state_dict(), "ema": load(ck / f"{which}_ema").state_dict(),
-            "optimizer": st["model_optimizer"], "disc": st.get("disc"), "disc_optimizer": st.get("disc_optimizer")}
+            "optimizer": st["model_optimizer"], "disc": st.get("disc"), "disc_optimizer": st.get("disc_optimizer"),
+            "grad_scaler": st.get("grad_scaler")}
 
 
 def _assert_same(a, b, path=""):
@@ -110,6 +111,19 @@ def test_resume_after_sigkill_is_exact(tmp_path, codes_dir, which):
         assert a["disc"] is not None and a["disc_optimizer"]["state"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) == list(range(10))  # no step logged twice
+
+
+def test_fp16_resume_keeps_the_loss_scale(tmp_path, codes_dir):
+    """fp16 trains with a GradScaler: its loss scale and growth count are saved with the optimizer and a
+    resume goes on from them (a fresh scaler restarts at 2^16 with its count at 0): 1 step, then a resume
+    to 2, end exactly where 2 straight steps end."""
+    cfg = lambda out, **kw: _gen_cfg(out, codes_dir, steps=2, precision="fp16", save_every=1, keep=10, **kw)  # noqa: E731
+    train_generator(cfg(tmp_path / "straight"))
+    train_generator(cfg(tmp_path / "resumed", stop_at=0))
+    train_generator(cfg(tmp_path / "resumed"), resume=True)
+    a, b = _final_state(tmp_path / "straight", "generator"), _final_state(tmp_path / "resumed", "generator")
+    assert a["step"] == b["step"] == 1 and a["grad_scaler"]["_growth_tracker"] == 2, a["grad_scaler"]
+    _assert_same(a, b)
 
 
 def test_new_run_refuses_an_existing_run(tmp_path, capsys):

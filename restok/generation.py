@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from restok.models.generator import HARGenerator
-from restok.noise import NOISE_KEYS, noise_keys
+from restok.noise import check_keys, noise_keys
 from restok.sampling import gumbel_noise, sample_tokens
 from restok.sampling_params import SamplingParams, batch_settings, check_seed, per_image
 from restok.schedule import HARSchedule
@@ -28,6 +28,8 @@ def _as_labels(gen: HARGenerator, labels, device) -> torch.Tensor:
     if labels.is_floating_point():
         raise ValueError(f"class labels must be integers, got dtype {labels.dtype}")
     labels = labels.to(device=device, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("labels must name at least one class")
     gen.check_labels(labels)
     return labels
 
@@ -63,11 +65,7 @@ def generate(
     check_seed(seed)
     if keys is None:
         keys = noise_keys(seed, B, start=check_seed(noise_start, "noise_start"))
-    if isinstance(keys, np.ndarray):
-        keys = torch.from_numpy(keys)
-    if tuple(keys.shape) != (B, NOISE_KEYS):
-        raise ValueError(f"noise keys must have shape [batch, {NOISE_KEYS}] = {(B, NOISE_KEYS)}, got {tuple(keys.shape)}")
-    keys = keys.to(device=device, dtype=torch.int32)
+    keys = torch.from_numpy(check_keys(keys, B)).to(device)
 
     schedule: HARSchedule = gen.schedule if mode == "har" else gen.vanilla_schedule()
     guided = any(p.guided for p in params)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NOISE_KEYS", "NOISE_PRIME", "NOISE_ROUNDS", "noise_keys", "noise_uniforms"]
+__all__ = ["NOISE_KEYS", "NOISE_PRIME", "NOISE_ROUNDS", "check_keys", "noise_keys", "noise_uniforms"]
 
 NOISE_PRIME = 2039
 NOISE_ROUNDS = 6
@@ -47,6 +47,19 @@ def noise_keys(seed: int, count: int, start: int = 0) -> np.ndarray:
     for b in range(count):
         out[b] = np.random.default_rng([int(seed), int(start) + b]).integers(0, NOISE_PRIME, NOISE_KEYS)
     return out
+
+
+def check_keys(keys, count: int) -> np.ndarray:
+    """Caller-given noise keys as int32 [count, NOISE_KEYS], each in [0, NOISE_PRIME), or a ValueError that says
+    what they must be (a torch tensor is taken through its numpy view)."""
+    if hasattr(keys, "detach") and hasattr(keys, "cpu"):  # a torch tensor, without importing torch
+        keys = keys.detach().cpu().numpy()
+    arr = np.asarray(keys) if isinstance(keys, (np.ndarray, list, tuple)) else None
+    if arr is None or arr.shape != (count, NOISE_KEYS) or not np.issubdtype(arr.dtype, np.integer) \
+            or arr.min() < 0 or arr.max() >= NOISE_PRIME:
+        got = arr.shape if arr is not None and arr.dtype != object else type(keys).__name__
+        raise ValueError(f"noise keys must be integers in [0, {NOISE_PRIME}) of shape [{count}, {NOISE_KEYS}], got {got}")
+    return arr.astype(np.int32)
 
 
 def check_capacity(num_tokens: int, vocab_size: int) -> None:

@@ -40,7 +40,7 @@ def test_guidance_changes_tokens(tiny_generator):
         (dict(labels=[1], top_p=1.5), "top_p"),
         (dict(labels=[1], top_k=-2), "top_k"),
         (dict(labels=[1], mode="fast"), "mode"),
-        (dict(labels=[1], keys=np.zeros((1, 5), np.int32)), "noise keys must have shape"),
+        (dict(labels=[1], keys=np.zeros((1, 5), np.int32)), r"noise keys must be integers in \[0, 2039\) of shape \[1, 8\]"),
         (dict(labels=[1], temperature=float("nan")), "temperature must be a finite number"),
         (dict(labels=[1], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         (dict(labels=[1], seed=-1), "seed must be an integer"),

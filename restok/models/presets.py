@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.tokenizer import ResTok, TokenizerConfig
+from restok.sampling_params import check_seed
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ def randomize_weights_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _build(cls, cfg, seed: int | None) -> nn.Module:
+def _build(cls, config_cls: type, config, part: str, seed: int | None) -> nn.Module:
+    cfg = getattr(get_preset(config), part) if isinstance(config, str) else config
+    if not isinstance(cfg, config_cls):
+        raise TypeError(f"config must be a preset name ({', '.join(PRESETS)}) or a {config_cls.__name__}, "
+                        f"got {type(config).__name__}")
+    if seed is not None:
+        check_seed(seed)
     model = cls(cfg)
     if seed is not None:
         randomize_weights_(model, seed)
@@ -77,9 +84,9 @@ def _build(cls, cfg, seed: int | None) -> nn.Module:
 
 def build_tokenizer(config: str | TokenizerConfig = "L", seed: int | None = None) -> ResTok:
     """A tokenizer of a preset or config; with ``seed``, seeded random weights (else the official init)."""
-    return _build(ResTok, get_preset(config).tokenizer if isinstance(config, str) else config, seed)
+    return _build(ResTok, TokenizerConfig, config, "tokenizer", seed)
 
 
 def build_generator(config: str | GeneratorConfig = "L", seed: int | None = None) -> HARGenerator:
     """A generator of a preset or config; with ``seed``, seeded random weights (else the official init)."""
-    return _build(HARGenerator, get_preset(config).generator if isinstance(config, str) else config, seed)
+    return _build(HARGenerator, GeneratorConfig, config, "generator", seed)

@@ -19,7 +19,7 @@ import numpy as np
 
 from restok.images import to_uint8
 from restok.manifest import ArtifactError, Manifest
-from restok.noise import NOISE_KEYS, NOISE_PRIME, noise_keys
+from restok.noise import check_keys, noise_keys
 from restok.runtime.backend import Backend, create_backend
 from restok.runtime.plan import RunInputs
 from restok.sampling_params import SamplingParams, batch_settings, check_seed, per_image
@@ -109,14 +109,7 @@ class Pipeline:
         check_seed(noise_start, "noise_start")
         if noise_start + n > 2**63:
             raise ValueError(f"noise_start + images must stay below 2^63, got {noise_start} + {n}")
-        if keys is None:
-            return None
-        keys = np.asarray(keys)
-        if keys.shape != (n, NOISE_KEYS) or not np.issubdtype(keys.dtype, np.integer) or keys.min() < 0 \
-                or keys.max() >= NOISE_PRIME:
-            raise ValueError(f"noise keys must be integers in [0, {NOISE_PRIME}) of shape [{n}, {NOISE_KEYS}], "
-                             f"got {keys.shape}")
-        return keys.astype(np.int32)
+        return None if keys is None else check_keys(keys, n)
 
     def _run_inputs(self, labels: np.ndarray, params: list[SamplingParams], keys: np.ndarray) -> RunInputs:
         s = batch_settings(params, self.schedule)

@@ -92,3 +92,43 @@ def test_pipeline_arguments_are_checked(tiny_artifacts, args):
     with pytest.raises(Exception) as e:
         Pipeline(folder, **args)
     _check_message(e.value)
+
+
+def test_the_pytorch_api_returns_what_it_says_or_raises_a_clear_error():
+    """restok.generate (the PyTorch reference) and the model builders under random arguments: tokens of the
+    right shape and range, or TypeError/ValueError with a message; afterwards the same tokens as before."""
+    torch = pytest.importorskip("torch")
+    import restok
+
+    gen = restok.build_generator("tiny", seed=1)
+    n_classes, n_tokens, vocab = gen.cfg.num_classes, gen.cfg.block_size, gen.cfg.vocab_size
+    before = restok.generate(gen, [1, 2], seed=5)
+    rng = random.Random(13)
+    ok_calls = 0
+    for _ in range(150):
+        labels = rng.choice([_value(rng), [rng.randrange(n_classes) for _ in range(rng.randrange(1, 4))]])
+        kwargs = {n: _value(rng) for n in rng.sample(["sampling", "seed", "noise_start", "keys", "mode"],
+                                                     rng.randrange(0, 3))}
+        if "keys" in kwargs and rng.random() < 0.5 and isinstance(labels, list) and labels:
+            zeros = np.zeros((len(labels), NOISE_KEYS), rng.choice([np.int32, np.int64]))
+            kwargs["keys"] = torch.from_numpy(zeros) if rng.random() < 0.5 else zeros
+        if "mode" in kwargs and rng.random() < 0.5:
+            kwargs["mode"] = rng.choice(["har", "vanilla"])
+        try:
+            tokens = restok.generate(gen, labels, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the kind of exception is what is tested
+            _check_message(e)
+            continue
+        ok_calls += 1
+        assert tokens.shape == (len(np.asarray(labels).reshape(-1)), n_tokens) and tokens.dtype == torch.long
+        assert ((tokens >= 0) & (tokens < vocab)).all()
+    assert ok_calls >= 15
+    assert torch.equal(restok.generate(gen, [1, 2], seed=5), before)
+    for build in (restok.build_generator, restok.build_tokenizer):
+        for _ in range(40):
+            args = [rng.choice([_value(rng), "tiny", "nano"])]
+            kwargs = {"seed": _value(rng)} if rng.random() < 0.5 else {}
+            try:
+                build(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                _check_message(e)

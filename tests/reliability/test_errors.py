@@ -63,7 +63,9 @@ def test_bundled_model_is_recorded_as_bundled():
 # --------------------------------------------------------------------------------- lost work
 
 
-def test_reexport_keeps_what_restok_did_not_write(copy, tiny_tokenizer, tiny_generator):
+def test_reexport_keeps_what_restok_did_not_write_and_cleans_stale_partials(copy, tiny_tokenizer, tiny_generator):
+    """One real re-export over an export (two claims, one export: each costs half a minute here): files restok
+    did not write stay; the staging folder of a dead process is removed, a live process's is left alone."""
     from restok.export import ExportOptions, export_artifacts
 
     (copy / "engines" / "trt10.15").mkdir(parents=True)
@@ -71,12 +73,21 @@ def test_reexport_keeps_what_restok_did_not_write(copy, tiny_tokenizer, tiny_gen
     (copy / "polygraphy").mkdir()
     (copy / "polygraphy" / "generator_pass0_inputs.json").write_text("[]")
     (copy / "NOTES.md").write_text("mine")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = copy.parent / f".art.partial-{dead.pid}-abc"
+    (stale / "generator").mkdir(parents=True)
+    (stale / ".restok-partial").touch()
+    (stale / "generator" / "weights.bin").write_bytes(b"half")
+    live = copy.parent / f".art.partial-{os.getppid()}-def"  # a live process's staging folder is left alone
+    live.mkdir()
     export_artifacts(tiny_tokenizer, tiny_generator, copy, ExportOptions(max_batch=2, encoder=False), progress=False)
     m = Manifest.read(copy)
     assert m.max_batch == 2 and "encoder" not in m.graphs and not (copy / "tokenizer" / "encoder.onnx").exists()
     assert (copy / "engines" / "trt10.15" / "generator.plan").read_bytes() == b"an engine built later"
     assert (copy / "polygraphy" / "generator_pass0_inputs.json").exists() and (copy / "NOTES.md").read_text() == "mine"
-    assert not list(copy.parent.glob(".art.*"))  # no staging folder left
+    assert not stale.exists() and live.exists()
+    assert [p.name for p in copy.parent.glob(".art.*")] == [live.name]  # no staging folder of this export left
 
 
 def test_generate_output_folder_is_consistent(tiny_artifacts, tmp_path, capsys):
@@ -125,21 +136,6 @@ def test_a_killed_generate_leaves_the_previous_run(tiny_artifacts, tmp_path):
     assert {q.name: q.read_bytes() for q in out.iterdir()} == before
     assert main(["generate", "--artifacts", str(tiny_artifacts), "--classes", "3", "--out", str(out)]) == 0
     assert not list(tmp_path.glob(".run.partial-*"))
-
-
-def test_stale_partials_of_dead_processes_are_cleaned(copy, tiny_tokenizer, tiny_generator):
-    from restok.export import ExportOptions, export_artifacts
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = copy.parent / f".art.partial-{dead.pid}-abc"
-    (stale / "generator").mkdir(parents=True)
-    (stale / ".restok-partial").touch()
-    (stale / "generator" / "weights.bin").write_bytes(b"half")
-    live = copy.parent / f".art.partial-{os.getppid()}-def"  # a live process's staging folder is left alone
-    live.mkdir()
-    export_artifacts(tiny_tokenizer, tiny_generator, copy, ExportOptions(max_batch=2, encoder=False), progress=False)
-    assert not stale.exists() and live.exists()
 
 
 # ---------------------------------------------------------------------- OS errors, one line

@@ -43,7 +43,7 @@ class AccessLog:
         rid = request_id_of(scope.get("headers") or [])
         state = scope.setdefault("state", {})
         state["request_id"] = rid
-        status = 500
+        status = None  # no answer at all: the client left first (499, as nginx logs it)
 
         async def send_with_id(message):
             nonlocal status
@@ -54,8 +54,12 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = 500 if status is None else status  # Starlette's error middleware, outside, answers 500
+            raise
         finally:
             seconds = time.monotonic() - t0
+            status = 499 if status is None else status
             path = scope.get("path", "")
             ops = path.startswith(OPS_PATHS)
             if not ops:

@@ -48,12 +48,16 @@ class ServeConfig:
     warmup: bool = True
     verify: bool = True
     access_log: bool = True  # one JSON line per request on stderr
+    header_timeout: float = 10.0  # seconds a connection has to send a request's headers (then it is closed)
+    body_timeout: float = 30.0  # seconds a request's body has to arrive (then 408)
 
     def validate(self, export_max_batch: int) -> None:
         if self.batch_limit is not None and not 1 <= self.batch_limit <= export_max_batch:
             raise ValueError(f"--batch-limit must be in 1..{export_max_batch} (the export's max batch), got {self.batch_limit}")
         if not self.max_wait_ms >= 0 or not self.request_timeout > 0 or self.max_queue < 1:
             raise ValueError("--max-wait-ms must be >= 0, --request-timeout > 0 and --max-queue >= 1")
+        if not (0 < self.header_timeout < float("inf") and 0 < self.body_timeout < float("inf")):
+            raise ValueError("--header-timeout and --body-timeout must be finite numbers of seconds > 0")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty (an unset variable?); give a key, or leave --api-key and "
                              "RESTOK_API_KEY out to serve without one")
@@ -108,8 +112,6 @@ class Service:
 
 MAX_IMAGES_PER_REQUEST = 4096  # the request model's own bound; the server's --max-queue bounds it further
 MAX_BODY_BYTES = 1 << 20
-BODY_SECONDS = 30.0  # a request body must arrive within this
-HEADER_SECONDS = 10.0  # a connection must send a request's headers within this
 
 
 def _request_model() -> type[BaseModel]:
@@ -214,7 +216,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None, reporter=None) 
             svc.metrics.request(str(status), seconds)
 
     install_error_handlers(app)
-    app.add_middleware(BodyLimits, max_bytes=MAX_BODY_BYTES, timeout=BODY_SECONDS)
+    app.add_middleware(BodyLimits, max_bytes=MAX_BODY_BYTES, timeout=cfg.body_timeout)
     app.add_middleware(AccessLog, record=record, log=cfg.access_log)  # outermost
 
     async def authorized(request: Request):
@@ -392,7 +394,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, drain_sec
             self.should_exit = True
 
     server = DrainingServer(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           http=header_timeout_protocol(HEADER_SECONDS), timeout_keep_alive=5,
+                                           http=header_timeout_protocol(cfg.header_timeout), timeout_keep_alive=5,
                                            timeout_graceful_shutdown=2))  # the drain above already waited
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

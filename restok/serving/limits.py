@@ -14,8 +14,10 @@ from restok.serving.errors import error_body
 
 
 class BodyLimits:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 (before it is read whole), a body not received
-    within ``timeout`` seconds gets 408."""
+    """ASGI middleware: reads the request body before the app sees it, so that its bounds hold whatever the
+    route does with it (FastAPI turns any error while it reads a body into a 400): a body over ``max_bytes``
+    gets 413 (declared too large: before any of it is read), a body not received within ``timeout`` seconds
+    gets 408; the app then gets the body whole, and after it the connection's own messages (disconnect)."""
 
     def __init__(self, app, max_bytes: int, timeout: float):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
@@ -26,35 +28,32 @@ class BodyLimits:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
-        received, started = 0, False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-
-        async def limited_receive():
-            nonlocal received
+        chunks, size = [], 0
+        while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise _BodyTimeout() from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+                return await self._refuse(send, 408, f"the request body did not arrive within {self.timeout:g}s")
+            if message["type"] != "http.request":  # the client left before its body was whole
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
-        except _BodyTimeout:
-            if not started:
-                await self._refuse(send, 408, f"the request body did not arrive within {self.timeout:g}s")
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send, status: int, message: str) -> None:
         body = json.dumps(error_body(status, message, None, "request_too_large" if status == 413 else "timeout")).encode()
@@ -62,14 +61,6 @@ class BodyLimits:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _BodyTimeout(Exception):
-    pass
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:

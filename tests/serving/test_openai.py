@@ -124,7 +124,18 @@ def test_half_sent_requests_are_closed_and_do_not_hold_the_server(server):
     assert json.loads(body)["error"]["code"] == "timeout"
     for s in [*socks, slow]:
         s.close()
+    left = socket.create_connection(("127.0.0.1", server.port), timeout=30)  # leaves before its body is whole
+    left.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                 "X-Request-ID: left-early\r\nContent-Length: 100\r\n\r\n{".encode())
+    time.sleep(0.3)
+    left.close()
     assert server.get("/health/ready").status_code == 200
+    end = time.time() + 10
+    while '"left-early"' not in server.log() and time.time() < end:
+        time.sleep(0.1)
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert [d["status"] for d in logged if d["request_id"] == "left-early"] == [499]  # not a 500: nothing failed
+    assert 408 in [d["status"] for d in logged]
 
 
 def _serve(*args, env=None):

@@ -1,9 +1,11 @@
 """``restok serve`` in a subprocess on a free port of 127.0.0.1, for the tests that speak to a real server
 over HTTP (tests/serving/). Needs the serve extra: import it after ``pytest.importorskip("httpx")``."""
 
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,10 +26,14 @@ class Server:
         cmd = [sys.executable, "-m", "restok", "serve", "--artifacts", str(artifacts), "--port", str(self.port), *args]
         if key:
             cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # its output goes to a file, not a pipe: one access-log line per request would fill a pipe nobody
+        # reads (64 KiB, a few hundred requests) and block the server
+        fd, self.log_path = tempfile.mkstemp(prefix="restok-serve-", suffix=".log")
+        with os.fdopen(fd, "w") as out:
+            self.proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()[-3000:]
+            assert self.proc.poll() is None, self.log()[-3000:]
             try:
                 if httpx.get(self.url + "/health/ready", headers=self.headers, timeout=2).status_code == 200:
                     return
@@ -43,6 +49,11 @@ class Server:
     def get(self, path, headers=None):
         return httpx.get(self.url + path, headers=self.headers if headers is None else headers, timeout=30)
 
+    def log(self) -> str:
+        """What the server has written so far (stdout and stderr: the banner, access-log lines, errors)."""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -50,6 +61,8 @@ class Server:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        os.unlink(self.log_path)
 
 
 def generate_pngs(artifacts, tmp_path, classes, seed) -> list[bytes]:

@@ -4,6 +4,7 @@ files, and checking an export shipped elsewhere whose checkpoints moved (named e
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from restok.cli import main
 from restok.measure.parity import run_check
@@ -33,32 +34,31 @@ def test_polygraphy_replay_of_a_pass(tiny_artifacts, tmp_path):
     assert "PASSED" in p.stdout + p.stderr
 
 
-def test_check_from_another_place_with_moved_checkpoints(tmp_path, tiny_tokenizer, tiny_generator, monkeypatch):
-    """An export records its checkpoints by their weights' sha256: moved checkpoints are named explicitly,
-    and verified; the bundled model is recorded as bundled (it works from any clone)."""
-    from restok.checkpoints import save_checkpoint
-
-    monkeypatch.setenv("RESTOK_CACHE", str(tmp_path / "cache"))
-    ck = tmp_path / "ck"
-    save_checkpoint(tiny_tokenizer, ck / "tokenizer")
-    save_checkpoint(tiny_generator, ck / "generator")
-    art = tmp_path / "art"
-    assert main(["export", "--checkpoint", str(ck), "--max-batch", "2", "--no-encoder", "--out", str(art)]) == 0
-    moved = tmp_path / "elsewhere"
-    shutil.move(str(ck), str(moved))
-    shipped = tmp_path / "shipped"  # CI's build job -> check job
-    shutil.copytree(art, shipped)
-    rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--polygraphy-dir", tmp_path / "pg")
-    assert rc == 2 and "--tokenizer/--generator" in err
-    _one_line_error(err)
-    rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--polygraphy-dir", tmp_path / "pg",
-                      "--tokenizer", moved / "tokenizer", "--generator", moved / "generator")
-    assert rc == 0, err[-2000:]
-    other = tmp_path / "other"
-    save_checkpoint(tiny_tokenizer, other / "tokenizer")
+def test_check_from_another_place_with_moved_checkpoints(golden_generator_artifacts, golden_generator_artifacts_inplace,
+                                                         tmp_path, monkeypatch):
+    """An export records its checkpoints by path and by their weights' sha256: moved checkpoints are named
+    explicitly, and verified. The session's export of a checkpoint is reused (an export costs half a minute
+    here); its checkpoint folder is moved away for this test and put back (both exports of it are done)."""
+    from restok.checkpoints import load_generator, load_tokenizer, save_checkpoint
     from restok.models.presets import build_generator
 
-    save_checkpoint(build_generator("tiny", seed=99), other / "generator")
-    rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--checkpoint", other,
-                      "--polygraphy-dir", tmp_path / "pg")
-    assert rc == 2 and "not the ones these artifacts were exported from" in err
+    monkeypatch.setenv("RESTOK_CACHE", str(tmp_path / "cache"))
+    recorded = golden_generator_artifacts.parent / "golden_gen_ck"  # tests/support/exports.py: EXPORTS
+    shipped = Path(shutil.copytree(golden_generator_artifacts, tmp_path / "shipped"))  # CI's build job -> check job
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(recorded), str(moved))
+    try:
+        rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--polygraphy-dir", tmp_path / "pg")
+        assert rc == 2 and str(recorded / "tokenizer") in err and "--tokenizer/--generator" in err
+        _one_line_error(err)
+        rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--polygraphy-dir", tmp_path / "pg",
+                          "--tokenizer", moved / "tokenizer", "--generator", moved / "generator")
+        assert rc == 0, err[-2000:]
+        other = tmp_path / "other"
+        save_checkpoint(load_tokenizer(moved / "tokenizer"), other / "tokenizer")
+        save_checkpoint(build_generator(load_generator(moved / "generator").cfg, seed=99), other / "generator")
+        rc, _, err = _cli("check", "--artifacts", shipped, "--images", "1", "--checkpoint", other,
+                          "--polygraphy-dir", tmp_path / "pg")
+        assert rc == 2 and "not the ones these artifacts were exported from" in err
+    finally:
+        shutil.move(str(moved), str(recorded))

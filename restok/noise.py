@@ -57,7 +57,7 @@ def check_keys(keys, count: int) -> np.ndarray:
     arr = np.asarray(keys) if isinstance(keys, (np.ndarray, list, tuple)) else None
     if arr is None or arr.shape != (count, NOISE_KEYS) or not np.issubdtype(arr.dtype, np.integer) \
             or arr.min() < 0 or arr.max() >= NOISE_PRIME:
-        got = arr.shape if arr is not None and arr.dtype != object else type(keys).__name__
+        got = type(keys).__name__ if arr is None else arr.shape
         raise ValueError(f"noise keys must be integers in [0, {NOISE_PRIME}) of shape [{count}, {NOISE_KEYS}], got {got}")
     return arr.astype(np.int32)
 

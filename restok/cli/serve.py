@@ -106,8 +106,9 @@ def add_parser(sub) -> None:
     s.add_argument("--no-access-log", action="store_true",
                    help="no JSON line per request on stderr (default: one per API request, and per failed probe; "
                         "each with the request id, from X-Request-ID or made, echoed in the response)")
-    s.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                   help="a connection that has not sent a request's headers by then is closed (default 10)")
+    s.add_argument("--header-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="a connection that has not sent a request's headers by then is closed (default 10; "
+                        "not with --ray, where Serve's proxy holds the connections)")
     s.add_argument("--body-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="a request body not received by then gets 408 (default 30)")
     s.add_argument("--drain-seconds", type=_non_negative_float, default=25.0,
@@ -146,9 +147,9 @@ def config_from(args):
     cfg = ServeConfig(str(folder), backend=args.backend, threads=args.threads, backend_options=opts,
                       batch_limit=args.batch_limit, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       request_timeout=args.request_timeout, api_key=key, protect_metrics=args.protect_metrics,
-                      access_log=not args.no_access_log, header_timeout=args.header_timeout,
-                      body_timeout=args.body_timeout,
-                      verify=not args.no_verify)
+                      access_log=not args.no_access_log, body_timeout=args.body_timeout, verify=not args.no_verify)
+    if args.header_timeout is not None:  # None: ServeConfig's default (the flag is refused with --ray)
+        cfg.header_timeout = args.header_timeout
     cfg.validate(read_manifest(folder, args).max_batch)
     return cfg
 
@@ -163,7 +164,7 @@ def run(args) -> int:
         raise ImportError(f"restok serve needs the serve extra: pip install 'restok[serve]' ({e})") from e
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica is not None):
         raise CLIError("--replicas, --max-replicas and --gpus-per-replica apply to --ray")
-    if args.ray and args.header_timeout != 10.0:
+    if args.ray and args.header_timeout is not None:
         raise CLIError("--header-timeout applies without --ray (under Ray, Serve's proxy holds the connections)")
     cfg = config_from(args)
     if args.ray:

@@ -66,7 +66,7 @@ def app_builder(args: dict):
     cfg = ServeConfig(str(args["artifacts"]), backend=opt("backend", str, "onnxruntime"), threads=opt("threads", int),
                       batch_limit=opt("batch_limit", int), max_wait_ms=opt("max_wait_ms", float, 10.0),
                       max_queue=opt("max_queue", int, 256), request_timeout=opt("request_timeout", float, 120.0),
-                      body_timeout=opt("body_timeout", float, 30.0), api_key=opt("api_key", str))
+                      body_timeout=opt("body_timeout", float, ServeConfig.body_timeout), api_key=opt("api_key", str))
     return build(cfg, opt("replicas", int, 1), opt("max_replicas", int), opt("gpus_per_replica", float, 0.0),
                  opt("cpus_per_replica", float, 1.0), opt("drain_seconds", float, 25.0))
 

@@ -340,8 +340,8 @@ def load_trainer_state(ckpt: Path) -> dict:
 def restore(ckpt: Path, models: dict, optimizers: dict, ema: dict, device, state: dict | None = None,
             scaler=None) -> dict:
     """Load every model (and its EMA) of a training checkpoint, the optimizers named in the trainer state,
-    the fp16 loss scale (``scaler``) and the RNG states; returns the trainer state (``state['step']`` is the last completed step). A checkpoint
-    that does not fit (reachable only through --resume-override of the model or losses) is a clear error."""
+    the fp16 loss scale (``scaler``) and the RNG states; returns the trainer state (``state['step']`` is the
+    last completed step). A checkpoint that does not fit (reachable only through --resume-override of the model or losses) is a clear error."""
     from restok.checkpoints import load_generator, load_tokenizer
 
     st = load_trainer_state(ckpt) if state is None else state

@@ -154,7 +154,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, overwrite: 
             _save_samples(Path(cfg.out), step, last["images"], last["recon"])
 
         return C.train_loop(cfg, d, models, optimizers, ema, step_fn, resume=resume, overwrite=overwrite,
-                            desc="train tokenizer", sample_fn=sample_fn, resume_override=resume_override, scaler=scaler,
+                            desc="train tokenizer", sample_fn=sample_fn, resume_override=resume_override,
+                            scaler=scaler,
                             fingerprints={C.content_setting(type(cfg)): data_fingerprint(data)})
     finally:
         C.teardown_process()

@@ -151,7 +151,8 @@ def test_start_up_errors_are_one_line(tiny_artifacts):
                              (["--api-key", ""], None, "empty"),
                              ([], {"RESTOK_API_KEY": " "}, "RESTOK_API_KEY"),
                              ([], {"RESTOK_SERVE_PORT": "http"}, "RESTOK_SERVE_PORT"),
-                             (["--protect-metrics"], None, "API key")):
+                             (["--protect-metrics"], None, "API key"),
+                             (["--ray", "--header-timeout", "3"], None, "--header-timeout applies without --ray")):
         rc, _, err = run_cli("serve", *art, *args, env=env, timeout=120)
         assert rc == 2 and words in err, (args, env, err[-1500:])
         one_line_error(err)
